@@ -1,0 +1,141 @@
+"""The ``dicom-node`` command.
+
+Exit codes (stable; scripts rely on them):
+
+* 0 — success
+* 1 — the operation ran but failed (for ``send``: at least one instance not stored)
+* 2 — usage or configuration error (bad option, invalid settings)
+* 3 — could not reach the peer or a required service
+
+Commands that need the compute side (``worker``, ``evaluate``) are registered by the
+``workers`` package through the ``dicom_node.commands`` entry point group, so this package
+never imports ``workers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dicom_node import __version__
+from dicom_node.errors import ConfigError, DicomNodeError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+LOGGER = logging.getLogger(__name__)
+
+app = typer.Typer(
+    name="dicom-node",
+    help=(
+        "An AI node for imaging networks: receives studies over DICOM (C-STORE) and DICOMweb "
+        "(STOW-RS), runs detection models on Celery workers, and writes results back to the PACS "
+        "as DICOM SR + SEG.\n\nConfiguration: --config FILE (TOML) and DICOM_NODE_* environment "
+        "variables (these win). Exit codes: 0 ok, 1 failed, 2 usage/configuration, 3 peer or "
+        "service unreachable."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@dataclass
+class CliState:
+    """Per-invocation state: the config path, and the settings once loaded."""
+
+    config: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    _settings: Any = None
+
+    def settings(self) -> Any:
+        """Load and validate the settings (once)."""
+        if self._settings is None:
+            from dicom_node.settings import load_settings
+
+            self._settings = load_settings(self.config, **self.overrides)
+        return self._settings
+
+
+def state(ctx: typer.Context) -> CliState:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, CliState)
+    return obj
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dicom-node {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML configuration file (also DICOM_NODE_CONFIG). Environment variables override it.",
+            envvar="DICOM_NODE_CONFIG",
+            dir_okay=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    ctx.obj = CliState(config=config)
+
+
+def _register_commands() -> None:
+    from dicom_node.cli import echo, send, serve
+
+    for module in (serve, send, echo):
+        module.register(app)
+    for ep in entry_points(group="dicom_node.commands"):
+        try:
+            ep.load()(app)
+        except ImportError as exc:  # the worker extra is not installed
+            LOGGER.debug("command plug-in %s unavailable: %s", ep.name, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    _register_commands()
+    try:
+        app(args=argv, standalone_mode=False)
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        return EXIT_USAGE
+    except DicomNodeError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        return EXIT_FAILED
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        typer.secho("aborted", err=True)
+        return EXIT_FAILED
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return EXIT_USAGE
+        raise
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

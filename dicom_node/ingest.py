@@ -1,0 +1,518 @@
+"""Validate-and-store: the one path every received instance takes (C-STORE and STOW-RS).
+
+Given a complete Part 10 file in the spool's temporary area, :meth:`Ingestor.ingest_file`
+
+1. refuses it when it is over the size cap or the spool is below its free-space floor (A700);
+2. zeroes the 128-byte preamble (a preamble can carry an executable header, CVE-2019-11687);
+3. parses every element before the pixel data, bounded in nesting depth and inflated size, and
+   refuses what cannot be parsed (C000) or lacks valid Study/Series/SOP Instance UIDs (C001/C002);
+4. checks the dataset's SOP Class/Instance UIDs against the DIMSE command (A900);
+5. fsyncs the file, links it under a name built from salted hashes, fsyncs the directory, and
+   commits the index row — and only then reports success.
+
+Nothing here logs or raises with patient data: messages name opaque keys and reasons only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from dicom_node.errors import IngestError, InvalidInstanceError, StorageError
+from dicom_node.settings import DuplicatePolicy, Settings
+from dicom_node.spool import Spool
+from dicom_node.state import Database, DuplicateEvent, Instance, Series, Study, utcnow
+from dicom_node.uids import storage_key, uid_problem
+
+LOGGER = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_MISSING_UID = 0xC001
+STATUS_INVALID_UID = 0xC002
+STATUS_DUPLICATE_REJECTED = 0x0111
+"""PS3.7 C.4.1 "Duplicate SOP Instance", returned only with ``duplicate_policy = "reject"``."""
+
+MAX_SEQUENCE_DEPTH = 64
+"""Deeper sequence nesting is refused (DCMTK's limit); pydicom recurses once per level."""
+
+_ZERO_PREAMBLE = b"\x00" * 128
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What happened to one instance."""
+
+    status: int
+    reason: str | None = None
+    study_key: str | None = None
+    duplicate: str | None = None
+    """None, or the action taken: ignored | kept-first | overwritten | rejected."""
+    new_study: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_SUCCESS
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    number_of_frames: int | None
+    series_attributes: dict[str, Any]
+    dataset_offset: int
+
+
+class Ingestor:
+    """Stores received instances in the spool and the index. Thread-safe; one per process."""
+
+    def __init__(self, settings: Settings, db: Database, spool: Spool) -> None:
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self.max_bytes = settings.scp.max_instance_bytes
+        self.policy = settings.scp.duplicate_policy
+        self._salt = db.salt
+        self._ids: dict[str, tuple[int, str]] = {}  # study/series UID -> (row id, key)
+        self._lock = threading.Lock()
+
+    # -- public -------------------------------------------------------------------------------
+
+    def ingest_file(
+        self,
+        temp: Path,
+        *,
+        calling_ae_title: str | None,
+        source: str = "dimse",
+        expected_sop_class_uid: str | None = None,
+        expected_sop_instance_uid: str | None = None,
+        expected_study_instance_uid: str | None = None,
+    ) -> IngestResult:
+        """Validate and store the Part 10 file ``temp`` (which this call consumes)."""
+        try:
+            return self._ingest(
+                temp,
+                calling_ae_title=calling_ae_title,
+                source=source,
+                expected_sop_class_uid=expected_sop_class_uid,
+                expected_sop_instance_uid=expected_sop_instance_uid,
+                expected_study_instance_uid=expected_study_instance_uid,
+            )
+        except IngestError as exc:
+            self.spool.discard(temp)
+            LOGGER.warning("instance refused (status 0x%04X): %s", exc.status, exc)
+            return IngestResult(status=exc.status, reason=str(exc))
+        except OSError as exc:
+            self.spool.discard(temp)
+            LOGGER.error("instance refused (status 0xA700): storage error %s", exc.strerror)
+            return IngestResult(status=STATUS_OUT_OF_RESOURCES, reason=f"storage error: {exc.strerror}")
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _ingest(
+        self,
+        temp: Path,
+        *,
+        calling_ae_title: str | None,
+        source: str,
+        expected_sop_class_uid: str | None,
+        expected_sop_instance_uid: str | None,
+        expected_study_instance_uid: str | None,
+    ) -> IngestResult:
+        size = temp.stat().st_size
+        if size > self.max_bytes:
+            raise StorageError(
+                f"instance of {size} bytes exceeds the size cap of {self.max_bytes} bytes"
+            )
+        self.spool.check_free_space()
+
+        parsed = parse_part10(temp, max_inflated_bytes=self.max_bytes)
+        if expected_sop_class_uid is not None and parsed.sop_class_uid != expected_sop_class_uid:
+            raise InvalidInstanceError(
+                "dataset SOP Class UID differs from the command's Affected SOP Class UID",
+                STATUS_DATASET_MISMATCH,
+            )
+        if (
+            expected_sop_instance_uid is not None
+            and parsed.sop_instance_uid != expected_sop_instance_uid
+        ):
+            raise InvalidInstanceError(
+                "dataset SOP Instance UID differs from the command's Affected SOP Instance UID",
+                STATUS_DATASET_MISMATCH,
+            )
+        if (
+            expected_study_instance_uid is not None
+            and parsed.study_instance_uid != expected_study_instance_uid
+        ):
+            raise InvalidInstanceError(
+                "instance belongs to a different study than the request URL",
+                STATUS_DATASET_MISMATCH,
+            )
+
+        sha = _hash_from(temp, parsed.dataset_offset)
+        self.spool.sync_file(temp)
+
+        study_key = storage_key(parsed.study_instance_uid, self._salt)
+        series_key = storage_key(parsed.series_instance_uid, self._salt)
+        sop_key = storage_key(parsed.sop_instance_uid, self._salt, length=32)
+        relative = Spool.relative_path(study_key, series_key, sop_key)
+
+        placed = self.spool.place(temp, relative)
+        try:
+            return self._index(
+                parsed, temp, relative, placed, size, sha, calling_ae_title, source, study_key, series_key
+            )
+        except (OperationalError, IntegrityError) as exc:
+            # The index could not be committed: revoke the file we placed (dcm4chee does the
+            # same) so the spool never holds an instance we did not acknowledge.
+            if placed:
+                self.spool.remove(relative)
+            self.spool.discard(temp)
+            LOGGER.error("index commit failed: %s", type(exc).__name__)
+            raise StorageError("state database unavailable") from exc
+
+    def _index(
+        self,
+        parsed: _Parsed,
+        temp: Path,
+        relative: str,
+        placed: bool,
+        size: int,
+        sha: str,
+        calling_ae_title: str | None,
+        source: str,
+        study_key: str,
+        series_key: str,
+    ) -> IngestResult:
+        now = utcnow()
+        with self.db.session() as s:
+            study_id, new_study = self._study_id(s, parsed, study_key, calling_ae_title, source, now)
+            series_id = self._series_id(s, parsed, study_id, series_key)
+            existing = s.scalar(
+                select(Instance).where(Instance.sop_instance_uid == parsed.sop_instance_uid)
+            )
+            if existing is not None:
+                return self._duplicate(
+                    s, existing, parsed, temp, relative, placed, size, sha, calling_ae_title, study_key, now
+                )
+            if not placed:
+                # A file without an index row: left by a crash between link and commit.
+                self.spool.replace(temp, relative)
+            s.add(
+                Instance(
+                    series_id=series_id,
+                    study_id=study_id,
+                    sop_instance_uid=parsed.sop_instance_uid,
+                    sop_class_uid=parsed.sop_class_uid,
+                    transfer_syntax_uid=parsed.transfer_syntax_uid,
+                    path=relative,
+                    size=size,
+                    sha256=sha,
+                    calling_ae_title=calling_ae_title,
+                    received_at=now,
+                    source=source,
+                    number_of_frames=parsed.number_of_frames,
+                )
+            )
+            s.execute(
+                update(Series)
+                .where(Series.id == series_id)
+                .values(instance_count=Series.instance_count + 1)
+            )
+            s.execute(
+                update(Study)
+                .where(Study.id == study_id)
+                .values(
+                    instance_count=Study.instance_count + 1,
+                    total_bytes=Study.total_bytes + size,
+                    last_received_at=now,
+                    dirty=True,
+                )
+            )
+        return IngestResult(status=STATUS_SUCCESS, study_key=study_key, new_study=new_study)
+
+    def _duplicate(
+        self,
+        s: Session,
+        existing: Instance,
+        parsed: _Parsed,
+        temp: Path,
+        relative: str,
+        placed: bool,
+        size: int,
+        sha: str,
+        calling_ae_title: str | None,
+        study_key: str,
+        now: Any,
+    ) -> IngestResult:
+        identical = existing.sha256 == sha
+        status = STATUS_SUCCESS
+        if identical:
+            action = "ignored"
+            self.spool.discard(temp)
+        elif self.policy is DuplicatePolicy.OVERWRITE or (placed and existing.path != relative):
+            action = "overwritten"
+            if not placed:
+                self.spool.replace(temp, relative)
+            existing.sha256, existing.size, existing.received_at = sha, size, now
+            existing.transfer_syntax_uid = parsed.transfer_syntax_uid
+            existing.path = relative
+            s.execute(
+                update(Study).where(Study.id == existing.study_id).values(dirty=True, last_received_at=now)
+            )
+        elif self.policy is DuplicatePolicy.REJECT:
+            action = "rejected"
+            status = STATUS_DUPLICATE_REJECTED
+            self.spool.discard(temp)
+        else:
+            action = "kept-first"
+            self.spool.discard(temp)
+        s.add(
+            DuplicateEvent(
+                instance_id=existing.id,
+                received_at=now,
+                identical=identical,
+                action=action,
+                sha256=sha,
+                calling_ae_title=calling_ae_title,
+            )
+        )
+        if not identical:
+            LOGGER.warning(
+                "study %s: instance received again with different content (%s)", study_key, action
+            )
+        reason = None if status == STATUS_SUCCESS else "a different instance with this SOP Instance UID is stored"
+        return IngestResult(status=status, reason=reason, study_key=study_key, duplicate=action)
+
+    def _study_id(
+        self,
+        s: Session,
+        parsed: _Parsed,
+        study_key: str,
+        calling_ae_title: str | None,
+        source: str,
+        now: Any,
+    ) -> tuple[int, bool]:
+        uid = parsed.study_instance_uid
+        cached = self._ids.get(uid)
+        if cached is not None:
+            return cached[0], False
+        row = s.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+        created = False
+        if row is None:
+            study = Study(
+                study_key=study_key,
+                study_instance_uid=uid,
+                first_received_at=now,
+                last_received_at=now,
+                instance_count=0,
+                total_bytes=0,
+                dirty=True,
+                calling_ae_title=calling_ae_title,
+                source=source,
+            )
+            try:
+                with s.begin_nested():
+                    s.add(study)
+                row = study.id
+                created = True
+            except IntegrityError:  # created concurrently by another receiver process
+                row = s.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+        assert row is not None
+        with self._lock:
+            self._ids[uid] = (row, study_key)
+        return row, created
+
+    def _series_id(self, s: Session, parsed: _Parsed, study_id: int, series_key: str) -> int:
+        uid = parsed.series_instance_uid
+        cached = self._ids.get(uid)
+        if cached is not None:
+            return cached[0]
+        row = s.scalar(select(Series.id).where(Series.series_instance_uid == uid))
+        if row is None:
+            series = Series(
+                study_id=study_id,
+                series_key=series_key,
+                series_instance_uid=uid,
+                instance_count=0,
+                **parsed.series_attributes,
+            )
+            try:
+                with s.begin_nested():
+                    s.add(series)
+                row = series.id
+            except IntegrityError:
+                row = s.scalar(select(Series.id).where(Series.series_instance_uid == uid))
+        assert row is not None
+        with self._lock:
+            self._ids[uid] = (row, series_key)
+        return row
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+
+def parse_part10(path: Path, *, max_inflated_bytes: int) -> _Parsed:
+    """Parse and check a Part 10 file; zero its preamble in place.
+
+    Raises :class:`InvalidInstanceError` with a C000-family status when the file cannot be
+    understood and :class:`StorageError` when it cannot be read.
+    """
+    with path.open("r+b") as fh:
+        preamble = fh.read(128)
+        if fh.read(4) != b"DICM":
+            raise InvalidInstanceError("not a DICOM Part 10 file (no DICM prefix)", STATUS_CANNOT_UNDERSTAND)
+        if preamble != _ZERO_PREAMBLE:
+            fh.seek(0)
+            fh.write(_ZERO_PREAMBLE)
+            fh.flush()
+        offset = _dataset_offset(fh)
+        fh.seek(0)
+        try:
+            ds = dcmread(fh, stop_before_pixels=True, force=False)
+            tsuid = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            if tsuid == DeflatedExplicitVRLittleEndian:
+                _check_inflated_size(path, offset, max_inflated_bytes)
+            _walk(ds, 0)
+        except InvalidInstanceError:
+            raise
+        except RecursionError:
+            raise InvalidInstanceError("dataset nests sequences too deeply", STATUS_CANNOT_UNDERSTAND) from None
+        except Exception as exc:
+            raise InvalidInstanceError(
+                f"dataset cannot be parsed ({type(exc).__name__})", STATUS_CANNOT_UNDERSTAND
+            ) from None
+
+    uids: dict[str, str] = {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = ds.get(keyword)
+        if value in (None, ""):
+            raise InvalidInstanceError(f"{keyword} is missing", STATUS_MISSING_UID)
+        value = str(value).rstrip("\x00 ")
+        problem = uid_problem(value)
+        if problem:
+            raise InvalidInstanceError(f"{keyword} {problem}", STATUS_INVALID_UID)
+        uids[keyword] = value
+    if not tsuid or uid_problem(tsuid):
+        raise InvalidInstanceError("TransferSyntaxUID is missing or invalid", STATUS_CANNOT_UNDERSTAND)
+
+    frames = ds.get("NumberOfFrames")
+    try:
+        number_of_frames = int(frames) if frames not in (None, "") else None
+    except (TypeError, ValueError):
+        number_of_frames = None
+    return _Parsed(
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=tsuid,
+        number_of_frames=number_of_frames,
+        series_attributes=_series_attributes(ds),
+        dataset_offset=offset,
+    )
+
+
+def _walk(ds: Dataset, depth: int) -> None:
+    """Convert every element so that a decoding error surfaces now, not in a worker."""
+    if depth > MAX_SEQUENCE_DEPTH:
+        raise InvalidInstanceError(
+            f"dataset nests sequences deeper than {MAX_SEQUENCE_DEPTH} levels", STATUS_CANNOT_UNDERSTAND
+        )
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _walk(item, depth + 1)
+
+
+def _series_attributes(ds: Dataset) -> dict[str, Any]:
+    def text(keyword: str, limit: int = 64) -> str | None:
+        value = ds.get(keyword)
+        if value in (None, ""):
+            return None
+        return str(value)[:limit]
+
+    thickness: float | None
+    try:
+        raw = ds.get("SliceThickness")
+        thickness = float(raw) if raw not in (None, "") else None
+    except (TypeError, ValueError):
+        thickness = None
+    return {
+        "modality": text("Modality", 16),
+        "body_part": text("BodyPartExamined"),
+        "series_description": text("SeriesDescription"),
+        "study_description": text("StudyDescription"),
+        "manufacturer": text("Manufacturer"),
+        "slice_thickness": thickness,
+    }
+
+
+def _dataset_offset(fh: Any) -> int:
+    """Byte offset where the dataset starts, after the group 0002 file meta elements."""
+    pos = 132
+    while True:
+        fh.seek(pos)
+        header = fh.read(8)
+        if len(header) < 8:
+            return pos
+        group = struct.unpack("<H", header[:2])[0]
+        if group != 0x0002:
+            return pos
+        vr = header[4:6]
+        if vr in _LONG_VRS:
+            extra = fh.read(4)
+            if len(extra) < 4:
+                raise InvalidInstanceError("file meta information is truncated", STATUS_CANNOT_UNDERSTAND)
+            pos += 12 + struct.unpack("<I", extra)[0]
+        else:
+            pos += 8 + struct.unpack("<H", header[6:8])[0]
+
+
+def _check_inflated_size(path: Path, offset: int, limit: int) -> None:
+    """Refuse a deflated dataset that would inflate beyond ``limit`` (a deflate bomb)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        while chunk := fh.read(1 << 20):
+            data = inflater.decompress(chunk, 1 << 22)
+            total += len(data)
+            while inflater.unconsumed_tail:
+                data = inflater.decompress(inflater.unconsumed_tail, 1 << 22)
+                total += len(data)
+                if total > limit:
+                    break
+            if total > limit:
+                raise StorageError(
+                    f"deflated dataset inflates beyond the size cap of {limit} bytes"
+                )
+
+
+def _hash_from(path: Path, offset: int) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

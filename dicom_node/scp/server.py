@@ -1,0 +1,196 @@
+"""The storage SCP: an AE with our contexts, timeouts and handlers, behind a tuned socket server.
+
+Several receiver processes share one port (SO_REUSEPORT): pynetdicom's cost is Python CPU per
+message, and only processes, not threads, spread that over cores (``research/performance.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from pynetdicom import AE, _config
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.ingest import Ingestor
+from dicom_node.scp.contexts import storage_contexts, verification_context
+from dicom_node.scp.handlers import bindings
+from dicom_node.settings import Settings, TlsSettings
+from dicom_node.spool import Spool
+from dicom_node.state import Database
+
+LOGGER = logging.getLogger(__name__)
+
+
+def configure_pynetdicom(settings: Settings, spool: Spool) -> None:
+    """Process-wide pynetdicom switches. Called once in each receiver process.
+
+    pynetdicom keeps these as module globals; we set them in the receiver's own process only.
+    """
+    _config.LOG_HANDLER_LEVEL = "none"  # no per-PDU/DIMSE logging: costs CPU and may leak PHI
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.STORE_RECV_CHUNKED_DATASET = True  # receive straight to disk: memory stays bounded
+    _config.UNRESTRICTED_STORAGE_SERVICE = settings.scp.accept_unknown_sop_classes
+    # pynetdicom's chunked receive writes to tempfile's directory; keep it inside the spool so
+    # the final link is on the same file system and aborted transfers are swept with the rest.
+    tempfile.tempdir = str(spool.tmp)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """TLS for the listener: BCP 195 non-downgrading (TLS >= 1.2), client certificates required."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca_certificates))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_peer_certificate else ssl.CERT_OPTIONAL
+    return ctx
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, plus SO_REUSEPORT, TCP_NODELAY and a non-blocking accept.
+
+    pynetdicom wraps TLS sockets in ``get_request`` with the handshake done on the accept
+    thread, so one silent client could stall every new association. We defer the handshake to
+    the association's own thread (first read), with the network timeout as its deadline.
+    """
+
+    reuse_port = True
+
+    def server_bind(self) -> None:
+        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            client.settimeout(self.ae.network_timeout)
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+
+class Receiver:
+    """One listening storage SCP in this process, with its ingest pipeline and counters."""
+
+    def __init__(self, settings: Settings, db: Database, *, reuse_port: bool = True) -> None:
+        self.settings = settings
+        self.db = db
+        self.spool = Spool(
+            settings.spool_dir, fsync=settings.scp.fsync, min_free_bytes=settings.scp.min_free_bytes
+        )
+        self.spool.prepare()
+        self.ingestor = Ingestor(settings, db, self.spool)
+        self.chunked = True
+        self.reuse_port = reuse_port
+        self.server: NodeAssociationServer | None = None
+        self.ae: AE | None = None
+        self.statuses: Counter[int] = Counter()
+        self.associations: Counter[str] = Counter()
+        self.bytes_received = 0
+        self._lock = threading.Lock()
+        self.observers: list[Any] = []
+        """Callables ``(kind, value, amount)`` notified of statuses and associations (metrics)."""
+
+    # -- observation (metrics hooks) ------------------------------------------------------
+
+    def observe_status(self, status: int, size: int) -> None:
+        with self._lock:
+            self.statuses[status] += 1
+            self.bytes_received += size
+        for observer in self.observers:
+            observer("status", status, size)
+
+    def observe_association(self, what: str) -> None:
+        with self._lock:
+            self.associations[what] += 1
+        for observer in self.observers:
+            observer("association", what, 1)
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def build_ae(self) -> AE:
+        scp = self.settings.scp
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = scp.max_associations
+        ae.acse_timeout = scp.acse_timeout
+        ae.dimse_timeout = scp.dimse_timeout
+        ae.network_timeout = scp.network_timeout
+        ae.maximum_pdu_size = scp.max_pdu_size
+        ae.require_called_aet = scp.require_called_ae_title
+        for cx in storage_contexts(deflated=scp.accept_deflated):
+            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+        verification = verification_context()
+        ae.add_supported_context(verification.abstract_syntax, verification.transfer_syntax)
+        return ae
+
+    def start(self, port: int | None = None) -> tuple[str, int]:
+        """Start listening (non-blocking). Returns the bound (host, port)."""
+        configure_pynetdicom(self.settings, self.spool)
+        self.ae = self.build_ae()
+        ctx = server_ssl_context(self.settings.scp.tls) if self.settings.scp.tls.enabled else None
+        address = (self.settings.bind, self.settings.dicom_port if port is None else port)
+        NodeAssociationServer.reuse_port = self.reuse_port
+        server = self.ae.make_server(
+            address,
+            ae_title=self.settings.ae_title,
+            contexts=None,
+            ssl_context=ctx,
+            evt_handlers=bindings(self),
+            server_class=NodeAssociationServer,
+        )
+        assert isinstance(server, NodeAssociationServer)
+        self.server = server
+        thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)
+        host, bound_port = server.server_address[:2]
+        return str(host), int(bound_port)
+
+    @property
+    def active_associations(self) -> int:
+        if self.server is None:
+            return 0
+        return len([a for a in self.server.active_associations if a.is_alive()])
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let running associations finish for ``grace`` s, then abort them.
+
+        An aborted transfer leaves at most a temporary file, never a partial file under a final
+        name; temporary files are swept.
+        """
+        server = self.server
+        if server is None:
+            return
+        active = list(server.active_associations)
+        # Stop the accept loop and close the listening socket (not the associations).
+        socketserver_shutdown(server)
+        server.socket.close()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(a.is_alive() for a in active):
+            time.sleep(0.05)
+        for assoc in active:
+            if assoc.is_alive():
+                assoc.abort()
+        for assoc in active:
+            assoc.join(timeout=5)
+        self.spool.sweep_temp()
+        self.server = None
+
+
+def socketserver_shutdown(server: ThreadedAssociationServer) -> None:
+    """Stop ``serve_forever`` without aborting associations (pynetdicom's shutdown does more)."""
+    import socketserver
+
+    socketserver.BaseServer.shutdown(server)
+    if server.ae and server in server.ae._servers:
+        server.ae._servers.remove(server)

@@ -1,0 +1,264 @@
+"""C-ECHO and C-STORE as a client: used by ``dicom-node send``/``echo`` and by write-back.
+
+Files are sent as they are (no decoding, no transcoding), one presentation context per
+(SOP class, transfer syntax) pair, many files per association, TCP_NODELAY on (without it a
+DCMTK-based peer stalls ~40 ms per instance, ``research/performance.md`` §2.1). Every status is
+inspected: pynetdicom returns an empty status on timeout or abort, which counts as failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from dicom_node.settings import DEFAULT_MAX_PDU
+
+LOGGER = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 127
+"""PS3.8 allows 128 presentation contexts per association; keep one spare."""
+
+STATUS_NO_RESPONSE = -1
+"""Our marker for "no status received" (timeout, abort, association lost)."""
+STATUS_NOT_SENT = -2
+"""Our marker for "never sent" (could not associate, or the peer refused the context)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where to send: AE title, host, port, and our calling AE title."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "DICOMNODE"
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    path: Path
+    status: int
+    """DIMSE status, or STATUS_NO_RESPONSE / STATUS_NOT_SENT."""
+    detail: str = ""
+
+    @property
+    def category(self) -> str:
+        return status_category(self.status)
+
+
+def status_category(status: int) -> str:
+    """success | warning | failure (PS3.4 B.2.3 / PS3.7 C)."""
+    if status == 0x0000:
+        return "success"
+    if status in (0x0001, 0x0107, 0x0116) or (status & 0xF000) == 0xB000:
+        return "warning"
+    return "failure"
+
+
+def describe_status(status: int) -> str:
+    if status == STATUS_NO_RESPONSE:
+        return "no response (timeout or abort)"
+    if status == STATUS_NOT_SENT:
+        return "not sent"
+    names = {
+        0x0000: "Success",
+        0x0110: "Processing failure",
+        0x0111: "Duplicate SOP instance",
+        0x0122: "SOP class not supported",
+        0x0124: "Not authorised",
+        0xA700: "Out of resources",
+        0xA900: "Data set does not match SOP class",
+        0xB000: "Coercion of data elements",
+        0xB006: "Elements discarded",
+        0xB007: "Data set does not match SOP class (stored)",
+        0xC000: "Cannot understand",
+        0xC001: "Cannot understand: required UID missing",
+        0xC002: "Cannot understand: invalid UID",
+        0xC210: "Cannot decode dataset",
+        0xC211: "Error in the receiver's handler",
+    }
+    name = names.get(status)
+    if name is None:
+        if status & 0xF000 == 0xC000:
+            name = "Cannot understand"
+        elif status & 0xFF00 == 0xA700:
+            name = "Out of resources"
+        elif status & 0xFF00 == 0xA900:
+            name = "Data set does not match SOP class"
+        else:
+            name = "Status"
+    return f"0x{status:04X} {name}"
+
+
+def collect_files(paths: Iterable[Path]) -> tuple[list[DicomFile], list[Path]]:
+    """DICOM files under ``paths`` (recursively), and the paths that are not DICOM Part 10."""
+    found: list[DicomFile] = []
+    skipped: list[Path] = []
+    for candidate in _walk(paths):
+        try:
+            meta = read_file_meta_info(candidate)
+            found.append(
+                DicomFile(
+                    path=candidate,
+                    sop_class_uid=str(meta.MediaStorageSOPClassUID),
+                    sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+                    transfer_syntax_uid=str(meta.TransferSyntaxUID),
+                )
+            )
+        except Exception:
+            skipped.append(candidate)
+    return found, skipped
+
+
+def _walk(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and child.name.upper() != "DICOMDIR":
+                    yield child
+        elif path.is_file():
+            yield path
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+
+
+def _make_ae(peer: Peer) -> AE:
+    ae = AE(ae_title=peer.calling_ae_title)
+    ae.acse_timeout = peer.acse_timeout
+    ae.dimse_timeout = peer.dimse_timeout
+    ae.network_timeout = peer.network_timeout
+    ae.maximum_pdu_size = DEFAULT_MAX_PDU
+    return ae
+
+
+def _associate(ae: AE, peer: Peer) -> Association:
+    tls_args = (peer.tls, peer.server_hostname or peer.host) if peer.tls else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    if assoc.is_established:
+        sock = assoc.dul.socket.socket if assoc.dul.socket else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def association_failure(assoc: Association) -> str:
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        if rsp is not None and rsp.result is not None:
+            return (
+                f"association rejected (result {rsp.result}, source {rsp.result_source}, "
+                f"reason {rsp.diagnostic})"
+            )
+        return "association rejected"
+    if assoc.is_aborted:
+        return "association aborted by the peer"
+    return "could not connect or associate"
+
+
+def echo(peer: Peer) -> int:
+    """C-ECHO the peer; returns the status, raising ``ConnectionError`` if it cannot associate."""
+    ae = _make_ae(peer)
+    ae.add_requested_context(Verification)
+    assoc = _associate(ae, peer)
+    if not assoc.is_established:
+        raise ConnectionError(association_failure(assoc))
+    try:
+        rsp = assoc.send_c_echo()
+        return int(rsp.Status) if rsp and "Status" in rsp else STATUS_NO_RESPONSE
+    finally:
+        assoc.release()
+
+
+def batches(files: list[DicomFile]) -> list[list[DicomFile]]:
+    """Split files into association batches of at most MAX_CONTEXTS context pairs each."""
+    out: list[list[DicomFile]] = []
+    current: list[DicomFile] = []
+    pairs: set[tuple[str, str]] = set()
+    for f in files:
+        pair = (f.sop_class_uid, f.transfer_syntax_uid)
+        if pair not in pairs and len(pairs) >= MAX_CONTEXTS:
+            out.append(current)
+            current, pairs = [], set()
+        pairs.add(pair)
+        current.append(f)
+    if current:
+        out.append(current)
+    return out
+
+
+def send_files(
+    peer: Peer,
+    files: list[DicomFile],
+    *,
+    on_result: Callable[[SendOutcome], None] | None = None,
+) -> list[SendOutcome]:
+    """C-STORE ``files`` to ``peer``: one association per batch, every status checked."""
+    _config.STORE_SEND_CHUNKED_DATASET = True  # stream from the file; no decode, bounded memory
+    outcomes: list[SendOutcome] = []
+
+    def report(outcome: SendOutcome) -> None:
+        outcomes.append(outcome)
+        if on_result:
+            on_result(outcome)
+
+    for batch in batches(files):
+        ae = _make_ae(peer)
+        for pair in sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in batch}):
+            ae.add_requested_context(pair[0], [pair[1]])
+        assoc = _associate(ae, peer)
+        if not assoc.is_established:
+            reason = association_failure(assoc)
+            for f in batch:
+                report(SendOutcome(f.path, STATUS_NOT_SENT, reason))
+            continue
+        try:
+            accepted = {
+                (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in assoc.accepted_contexts
+            }
+            for index, f in enumerate(batch):
+                if not assoc.is_established:
+                    for rest in batch[index:]:
+                        report(SendOutcome(rest.path, STATUS_NOT_SENT, "association lost"))
+                    break
+                if (f.sop_class_uid, f.transfer_syntax_uid) not in accepted:
+                    report(SendOutcome(f.path, STATUS_NOT_SENT, "peer refused this SOP class / transfer syntax"))
+                    continue
+                try:
+                    rsp = assoc.send_c_store(f.path)
+                except (ValueError, AttributeError, RuntimeError) as exc:
+                    report(SendOutcome(f.path, STATUS_NOT_SENT, f"cannot send: {type(exc).__name__}"))
+                    continue
+                if rsp is None or "Status" not in rsp:
+                    report(SendOutcome(f.path, STATUS_NO_RESPONSE, "no response (timeout or abort)"))
+                else:
+                    status = int(rsp.Status)
+                    comment = str(rsp.get("ErrorComment", "") or "")
+                    report(SendOutcome(f.path, status, comment))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return outcomes

@@ -100,10 +100,17 @@ def _root(
 
 
 def _register_commands() -> None:
-    from dicom_node.cli import echo, send, serve
+    import importlib
+    import pkgutil
 
-    for module in (serve, send, echo):
-        module.register(app)
+    import dicom_node.cli as package
+
+    # Each module of this package that defines register(app) adds its command(s).
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        register = getattr(module, "register", None)
+        if callable(register):
+            register(app)
     for ep in entry_points(group="dicom_node.commands"):
         try:
             ep.load()(app)

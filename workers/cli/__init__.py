@@ -1,0 +1,1 @@
+"""Commands of the compute side, registered into `dicom-node` via entry points."""

@@ -5,8 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from dicom_node.settings import Settings
+from dicom_node.state import open_database
 
 
 def build_components(settings: Settings, service: Any) -> list[Any]:
     """Components with ``start()``/``stop()``, started in order and stopped in reverse."""
-    return []
+    from dicom_node.embedded import EmbeddedWorkers
+    from dicom_node.loop import PipelineLoop
+
+    db = open_database(settings.resolved_database_url)
+    components: list[Any] = [PipelineLoop(settings, db)]
+    if settings.http_port:
+        from dicom_node.api.server import HttpServer
+
+        components.append(HttpServer(settings, db))
+    if settings.embedded_worker_count:
+        components.append(EmbeddedWorkers(settings, getattr(service, "config_path", None)))
+    return components

@@ -258,6 +258,9 @@ class ModelSettings(_Section):
 
     path: Path | None = None
     """A model folder (TorchScript file + model card) instead of an entry point."""
+    plugin: str | None = None
+    """``module:attribute`` of a Detector class or factory, for plug-ins that are not installed
+    as a package (the attribute is called with this ModelSettings, or with no argument)."""
     queue: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threshold: float | None = None
@@ -318,7 +321,9 @@ class Settings(BaseSettings):
         try:
             ipaddress.ip_address(v)
         except ValueError as exc:
-            raise ValueError(f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {v!r}") from exc
+            raise ValueError(
+                f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {v!r}"
+            ) from exc
         return v
 
     @field_validator("destination")
@@ -424,17 +429,13 @@ def parse_destination_url(url: str) -> tuple[str, dict[str, Any]]:
         return "stow", {"url": url}
     if parts.scheme == "dicom":
         if not parts.username or not parts.hostname or not parts.port:
-            raise ValueError(
-                f"destination {_redact(url)} must look like dicom://AET@host:port"
-            )
+            raise ValueError(f"destination {_redact(url)} must look like dicom://AET@host:port")
         return "cstore", {
             "ae_title": _check_ae_title(parts.username, "destination AE title"),
             "host": parts.hostname,
             "port": parts.port,
         }
-    raise ValueError(
-        f"destination {_redact(url)} must start with http://, https:// or dicom://"
-    )
+    raise ValueError(f"destination {_redact(url)} must start with http://, https:// or dicom://")
 
 
 def _redact(url: str) -> str:

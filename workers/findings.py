@@ -28,7 +28,9 @@ class CodedConcept:
 # Frequently used codes (SNOMED CT; DCM for DICOM-defined concepts).
 NODULE = CodedConcept("27925004", "SCT", "Nodule")
 LUNG = CodedConcept("39607008", "SCT", "Lung")
-MORPHOLOGICALLY_ABNORMAL_STRUCTURE = CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
+MORPHOLOGICALLY_ABNORMAL_STRUCTURE = CodedConcept(
+    "49755003", "SCT", "Morphologically abnormal structure"
+)
 
 
 @dataclass(frozen=True)

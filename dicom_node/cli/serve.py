@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
         from dicom_node.components import build_components
 
         service = NodeService(settings)
+        service.config_path = str(st.config) if st.config else None
         service.extra_components = build_components(settings, service)
         audit.record(None, audit.CONFIG_LOADED, actor="node", config=str(st.config or "-"))
         raise typer.Exit(service.run())

@@ -6,9 +6,9 @@ sizes, transfer syntaxes and routing attributes, never names, IDs or birth dates
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -39,21 +39,21 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the state database; use utcnow()")
-        return value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.astimezone(UTC).replace(tzinfo=None)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
 
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC (the only clock the state database accepts)."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 class JobState(str, Enum):
@@ -210,9 +210,7 @@ class Job(Base):
     dispatch_count: Mapped[int] = mapped_column(Integer, default=0)
 
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
-    deliveries: Mapped[list[Delivery]] = relationship(
-        back_populates="job", order_by="Delivery.id"
-    )
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", order_by="Delivery.id")
 
     __table_args__ = (
         UniqueConstraint("study_id", "input_hash", "rule", "model", name="uq_job_input"),

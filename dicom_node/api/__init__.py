@@ -1,0 +1,1 @@
+"""The HTTP side of the node: JSON API, dashboard, metrics, health, DICOMweb."""

@@ -1,0 +1,101 @@
+"""The Celery configuration shared by the edge (producer) and the workers (consumers).
+
+Celery gives neither exactly-once nor no-loss (``research/reliability.md`` §2): the state
+database is the source of truth, messages carry a job id only, and the reconciler re-sends what
+got lost. This module only makes the transport behave as well as it can:
+
+* ``acks_late`` + ``reject_on_worker_lost``: a killed child's message goes back to the queue;
+* prefetch 1: a worker holds only the task it runs;
+* visibility timeout well above the task time limit (Redis redelivers unacked messages after it);
+* JSON only (never pickle), no result backend (job state lives in our database);
+* stable task names and one queue per model class, so GPU workers can consume only their queue.
+
+With ``DICOM_NODE_BROKER_URL`` unset the broker is kombu's SQLAlchemy transport on a SQLite file
+in the data directory: a real broker that needs no server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from dicom_node.settings import Settings
+
+RUN_JOB_TASK = "dicom_node.run_job"
+"""Stable task names: part of the message protocol, never renamed."""
+DELIVER_TASK = "dicom_node.deliver"
+
+DEFAULT_QUEUE = "cpu"
+DELIVERY_QUEUE = "delivery"
+"""Write-back runs on its own queue so a slow PACS never holds a GPU worker."""
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The safe Celery configuration for these settings."""
+    time_limit = settings.worker.task_time_limit
+    visibility = int(2 * time_limit + 600)
+    transport: dict[str, Any] = {}
+    if settings.embedded_broker:
+        transport = {}
+    else:
+        transport = {
+            "visibility_timeout": visibility,
+            "socket_keepalive": True,
+            "health_check_interval": 25,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+        }
+    return {
+        "broker_url": settings.resolved_broker_url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_connection_timeout": 5,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": settings.worker.concurrency,
+        "worker_max_tasks_per_child": 200,
+        "task_time_limit": time_limit,
+        "task_soft_time_limit": max(time_limit - 60, time_limit * 0.9),
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_soft_shutdown_timeout": 30.0,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_create_missing_queues": True,
+        "task_send_sent_event": False,
+        "worker_send_task_events": False,
+        "event_queue_expires": 60,
+        "broker_pool_limit": 4,
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings, name: str = "dicom_node") -> Celery:
+    """A Celery app configured for ``settings`` (tasks are registered by ``workers``)."""
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def publish_job(app: Celery, task: str, job_id: str, *, queue: str, task_id: str) -> None:
+    """Send one job message. Raises on broker errors instead of retrying (the outbox retries).
+
+    The message holds the job id only: no patient data, no UIDs.
+    """
+    app.send_task(
+        task,
+        args=[job_id],
+        queue=queue,
+        task_id=task_id,
+        retry=False,
+        argsrepr="(job)",
+    )

@@ -1,0 +1,79 @@
+"""The outbox dispatcher: turns dispatch records into Celery messages.
+
+A job row and its outbox record are written in one transaction (by completion, retries and the
+reconciler). The dispatcher sends the message, then deletes the record. If the broker is down,
+the record stays and is sent once the broker is back: ingest never depends on the broker.
+A crash between send and delete sends the message twice, which the job claim makes harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from celery import Celery
+from sqlalchemy import or_, select
+
+from dicom_node.broker import publish_job
+from dicom_node.state import Database, Job, JobState, Outbox, utcnow
+
+LOGGER = logging.getLogger(__name__)
+
+BATCH = 200
+
+
+class Dispatcher:
+    """Sends due outbox records; ``run_once`` is called by the node's background loop."""
+
+    def __init__(self, db: Database, app: Celery) -> None:
+        self.db = db
+        self.app = app
+        self.broker_ok = True
+        self.last_error: str | None = None
+
+    def run_once(self, now: datetime | None = None) -> int:
+        now = now or utcnow()
+        with self.db.session() as s:
+            rows = list(
+                s.execute(
+                    select(Outbox.id, Outbox.job_id, Outbox.task, Outbox.queue, Job.dispatch_count)
+                    .join(Job, Job.id == Outbox.job_id)
+                    .where(or_(Outbox.not_before.is_(None), Outbox.not_before <= now))
+                    .order_by(Outbox.id)
+                    .limit(BATCH)
+                ).all()
+            )
+        sent = 0
+        for outbox_id, job_id, task, queue, count in rows:
+            task_id = f"job-{job_id}-{count + 1}"
+            try:
+                publish_job(self.app, task, job_id, queue=queue, task_id=task_id)
+            except Exception as exc:
+                self._broker_failed(outbox_id, exc)
+                break  # the broker is down: keep the rest for the next round
+            self.broker_ok = True
+            self.last_error = None
+            sent += 1
+            with self.db.session() as s:
+                s.query(Outbox).filter(Outbox.id == outbox_id).delete()
+                job = s.get(Job, job_id)
+                if job is not None:
+                    job.dispatch_count = (job.dispatch_count or 0) + 1
+                    if job.state == JobState.WAITING.value:
+                        job.state = JobState.QUEUED.value
+                    if job.state == JobState.QUEUED.value:
+                        job.queued_at = utcnow()
+                    job.updated_at = utcnow()
+        return sent
+
+    def _broker_failed(self, outbox_id: int, exc: Exception) -> None:
+        message = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if self.broker_ok:
+            LOGGER.warning("broker unavailable, jobs wait in the outbox: %s", message)
+        self.broker_ok = False
+        self.last_error = message
+        with self.db.session() as s:
+            row = s.get(Outbox, outbox_id)
+            if row is not None:
+                row.attempts += 1
+                row.last_error = message

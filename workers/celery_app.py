@@ -1,0 +1,50 @@
+"""The worker's Celery app: the shared safe configuration plus the two tasks.
+
+Tasks are thin (Celery's own advice): they carry a job id and call the pipeline, which holds
+all logic and is testable without Celery. Their names are stable protocol constants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from dicom_node.broker import DELIVER_TASK, RUN_JOB_TASK, make_celery
+from dicom_node.settings import Settings
+from workers.runtime import WorkerRuntime, get_runtime, set_runtime
+
+LOGGER = logging.getLogger(__name__)
+
+
+def create_worker_app(settings: Settings, name: str | None = None) -> Celery:
+    """A Celery app with the job tasks registered and the runtime installed for this process."""
+    set_runtime(WorkerRuntime(settings, name))
+    app = make_celery(settings, name="dicom_node.worker")
+
+    @app.task(
+        name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+    )
+    def run_job(self: Any, job_id: str) -> None:
+        from workers.pipeline import JobRunner
+
+        JobRunner(get_runtime()).run(job_id)
+
+    @app.task(
+        name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+    )
+    def deliver(self: Any, job_id: str) -> None:
+        from workers.pipeline import JobRunner
+
+        JobRunner(get_runtime()).deliver(job_id)
+
+    return app
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # not started through `dicom-node worker`
+        get_runtime().after_fork()

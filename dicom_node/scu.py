@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from dicom_node.settings import DEFAULT_MAX_PDU
 
@@ -31,6 +32,21 @@ STATUS_NO_RESPONSE = -1
 """Our marker for "no status received" (timeout, abort, association lost)."""
 STATUS_NOT_SENT = -2
 """Our marker for "never sent" (could not associate, or the peer refused the context)."""
+
+# Why an instance got STATUS_NOT_SENT / STATUS_NO_RESPONSE (``SendOutcome.stage``), so that
+# callers such as write-back can tell a refused connection from a refused SOP class.
+NO_RESPONSE = "no response (timeout or abort)"
+
+STAGE_ASSOCIATE = "associate"
+"""Could not connect, or the association was rejected or aborted while negotiating."""
+STAGE_CONTEXT = "context"
+"""The peer accepted the association but not this SOP class / transfer syntax."""
+STAGE_LOST = "lost"
+"""The association was lost before this instance could be sent."""
+STAGE_LOCAL = "local"
+"""The file could not be sent (unreadable or inconsistent on our side)."""
+STAGE_RESPONSE = "response"
+"""Sent, but no status came back (DIMSE timeout or abort)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,10 @@ class SendOutcome:
     status: int
     """DIMSE status, or STATUS_NO_RESPONSE / STATUS_NOT_SENT."""
     detail: str = ""
+    stage: str = ""
+    """Empty when the peer answered with a status, else one of the ``STAGE_*`` values."""
+    rejection: tuple[int, int, int] | None = None
+    """A-ASSOCIATE-RJ (result, source, reason) when the peer rejected the association."""
 
     @property
     def category(self) -> str:
@@ -178,6 +198,19 @@ def association_failure(assoc: Association) -> str:
     return "could not connect or associate"
 
 
+def association_rejection(assoc: Association) -> tuple[int, int, int] | None:
+    """(result, source, reason/diagnostic) of an A-ASSOCIATE-RJ, or ``None`` if not rejected.
+
+    PS3.8 9.3.4: result 1 = rejected-permanent, 2 = rejected-transient; source 1 = service
+    user, 2 = service provider (ACSE), 3 = service provider (presentation)."""
+    if not assoc.is_rejected:
+        return None
+    rsp = assoc.acceptor.primitive
+    if rsp is None or rsp.result is None:
+        return None
+    return (int(rsp.result), int(rsp.result_source or 0), int(rsp.diagnostic or 0))
+
+
 def echo(peer: Peer) -> int:
     """C-ECHO the peer; returns the status, raising ``ConnectionError`` if it cannot associate."""
     ae = _make_ae(peer)
@@ -231,8 +264,9 @@ def send_files(
         assoc = _associate(ae, peer)
         if not assoc.is_established:
             reason = association_failure(assoc)
+            rejection = association_rejection(assoc)
             for f in batch:
-                report(SendOutcome(f.path, STATUS_NOT_SENT, reason))
+                report(SendOutcome(f.path, STATUS_NOT_SENT, reason, STAGE_ASSOCIATE, rejection))
             continue
         try:
             accepted = {
@@ -242,18 +276,27 @@ def send_files(
             for index, f in enumerate(batch):
                 if not assoc.is_established:
                     for rest in batch[index:]:
-                        report(SendOutcome(rest.path, STATUS_NOT_SENT, "association lost"))
+                        lost = SendOutcome(rest.path, STATUS_NOT_SENT, "association lost", STAGE_LOST)
+                        report(lost)
                     break
                 if (f.sop_class_uid, f.transfer_syntax_uid) not in accepted:
-                    report(SendOutcome(f.path, STATUS_NOT_SENT, "peer refused this SOP class / transfer syntax"))
+                    report(
+                        SendOutcome(
+                            f.path,
+                            STATUS_NOT_SENT,
+                            "peer refused this SOP class / transfer syntax",
+                            STAGE_CONTEXT,
+                        )
+                    )
                     continue
                 try:
                     rsp = assoc.send_c_store(f.path)
                 except (ValueError, AttributeError, RuntimeError) as exc:
-                    report(SendOutcome(f.path, STATUS_NOT_SENT, f"cannot send: {type(exc).__name__}"))
+                    detail = f"cannot send: {type(exc).__name__}"
+                    report(SendOutcome(f.path, STATUS_NOT_SENT, detail, STAGE_LOCAL))
                     continue
                 if rsp is None or "Status" not in rsp:
-                    report(SendOutcome(f.path, STATUS_NO_RESPONSE, "no response (timeout or abort)"))
+                    report(SendOutcome(f.path, STATUS_NO_RESPONSE, NO_RESPONSE, STAGE_RESPONSE))
                 else:
                     status = int(rsp.Status)
                     comment = str(rsp.get("ErrorComment", "") or "")
@@ -262,3 +305,54 @@ def send_files(
             if assoc.is_established:
                 assoc.release()
     return outcomes
+
+
+@dataclass(frozen=True)
+class FindOutcome:
+    """The result of one C-FIND: its final status and the matches received before it."""
+
+    status: int
+    """Final DIMSE status, or STATUS_NO_RESPONSE / STATUS_NOT_SENT."""
+    matches: list[Dataset]
+    detail: str = ""
+    stage: str = ""
+    """Empty when the peer answered with a final status, else one of the ``STAGE_*`` values."""
+    rejection: tuple[int, int, int] | None = None
+
+
+def find(
+    peer: Peer,
+    identifier: Dataset,
+    *,
+    model: str = StudyRootQueryRetrieveInformationModelFind,
+) -> FindOutcome:
+    """C-FIND ``identifier`` at ``peer`` (Study Root by default), collecting every match.
+
+    Never raises for network trouble: a failed association, a refused context or a missing
+    final status are reported in the outcome's ``stage``, like :func:`send_files` does."""
+    ae = _make_ae(peer)
+    ae.add_requested_context(model)
+    assoc = _associate(ae, peer)
+    if not assoc.is_established:
+        return FindOutcome(
+            STATUS_NOT_SENT, [], association_failure(assoc), STAGE_ASSOCIATE,
+            association_rejection(assoc),
+        )
+    matches: list[Dataset] = []
+    try:
+        if not any(str(cx.abstract_syntax) == str(model) for cx in assoc.accepted_contexts):
+            detail = "peer does not support this C-FIND model"
+            return FindOutcome(STATUS_NOT_SENT, [], detail, STAGE_CONTEXT)
+        for status, match in assoc.send_c_find(identifier, model):
+            if status is None or "Status" not in status:
+                return FindOutcome(STATUS_NO_RESPONSE, matches, NO_RESPONSE, STAGE_RESPONSE)
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                if match is not None:
+                    matches.append(match)
+                continue
+            return FindOutcome(code, matches)
+        return FindOutcome(STATUS_NO_RESPONSE, matches, "no final status", STAGE_RESPONSE)
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -373,3 +373,40 @@ def storescu(port: int, paths: list[Path], *, aet: str = "AINODE", calling: str 
         env=env,
         timeout=300,
     )
+
+
+class WorkerProcess:
+    """``dicom-node worker`` as a real subprocess (a real Celery worker with prefork children)."""
+
+    def __init__(self, node: NodeProcess, *, queues: str = "cpu,delivery", concurrency: int = 1, name: str = "w1") -> None:
+        self.node = node
+        self.queues = queues
+        self.concurrency = concurrency
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = node.data_dir.parent / f"worker-{name}.log"
+
+    def start(self) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        cmd = self.node.command("worker", "--queues", self.queues, "--concurrency", str(self.concurrency), "--name", self.name)
+        self.proc = subprocess.Popen(cmd, env=self.node.full_env(), stdout=log, stderr=log, start_new_session=True)
+        return self
+
+    def children(self) -> list[int]:
+        if self.proc is None:
+            return []
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 40.0) -> None:
+        stop_process(self.proc, timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker: parent and children (a container kill)."""
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)

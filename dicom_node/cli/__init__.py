@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     _register_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        # With standalone_mode=False, click returns a command's exit code instead of exiting.
+        rc = app(args=argv, standalone_mode=False)
     except ConfigError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         return EXIT_USAGE
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return EXIT_USAGE
         raise
-    return EXIT_OK
+    return int(rc) if isinstance(rc, int) else EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,10 +8,13 @@ the PS3.5 UI grammar before it is stored at all.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import uuid
 from collections.abc import Iterable
 
-from pydicom.uid import generate_uid
+_DERIVE_NAMESPACE = uuid.UUID("6f1c6a0e-3b7d-5d2a-9c55-2f1d0e7a4b21")
+"""Fixed namespace of dicom-node's derived UIDs (never change it: UIDs already sent depend on it)."""
 
 UID_MAX_LENGTH = 64
 """PS3.5 §9.1: a UID is at most 64 characters."""
@@ -82,7 +85,13 @@ def derive_uid(*parts: str) -> str:
     True
     >>> derive_uid("a", "b") != derive_uid("a", "c")
     True
+    >>> derive_uid("ab", "c") != derive_uid("a", "bc")
+    True
     """
     if not parts:
         raise ValueError("derive_uid needs at least one part")
-    return str(generate_uid(prefix=None, entropy_srcs=["dicom-node-output-v1", *parts]))
+    # A name-based (RFC 4122 version 5) UUID as a 2.25 UID. pydicom's generate_uid() cannot be
+    # used: with prefix=None it ignores entropy_srcs and returns a random UUID. The parts are
+    # JSON-encoded so that ("ab", "c") and ("a", "bc") differ.
+    name = json.dumps(["dicom-node-output-v1", *parts], ensure_ascii=False)
+    return f"2.25.{uuid.uuid5(_DERIVE_NAMESPACE, name).int}"

@@ -1,0 +1,167 @@
+"""Result encoding: a detection result becomes DICOM objects the PACS and the viewer accept.
+
+The pipeline calls::
+
+    objects = encode_results(volume, result, job)          # SR (+ SEG), checked by the gate
+    paths = write_results(objects, job_result_dir)          # stored before any delivery
+    ...                                                     # later, for every (re)send:
+    objects = load_results(job_result_dir)                  # byte-identical to the first time
+
+* ``"sr"``: the TID 1500 Comprehensive 3D SR for viewers (always one; says "without findings"
+  when there are none).
+* ``"seg"``: the Segmentation (when at least one finding has a non-empty mask).
+* ``"sr-volumetric"``: only with ``EncodeOptions(volumetric_sr=True)`` and a SEG.
+
+UIDs are derived from (study, input-set hash, model name/version/weights, kind, encoding
+profile), and every date and time comes from ``job.content_datetime``, so the same job
+encoded twice gives the same bytes. See ``identity``, ``seg``, ``sr`` and ``conformance``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.findings import CodedConcept, DetectionResult
+from workers.results.conformance import (
+    ConformanceError,
+    DciodvfyReport,
+    SourceFacts,
+    check_object,
+    dciodvfy_errors,
+    object_problems,
+    run_dciodvfy,
+)
+from workers.results.identity import (
+    KIND_SEG,
+    KIND_SR,
+    KIND_SR_VOLUMETRIC,
+    JobContext,
+    NodeIdentity,
+    OutputIdentity,
+    output_identity,
+)
+from workers.results.objects import EncodedObject, load_results, write_results
+from workers.results.seg import BINARY, FRACTIONAL, build_segmentation
+from workers.results.sources import check_result_matches
+from workers.results.sr import build_viewer_sr, build_volumetric_sr
+from workers.volume import Volume
+
+__all__ = [
+    "BINARY",
+    "FRACTIONAL",
+    "KIND_SEG",
+    "KIND_SR",
+    "KIND_SR_VOLUMETRIC",
+    "ConformanceError",
+    "DciodvfyReport",
+    "EncodeOptions",
+    "EncodedObject",
+    "JobContext",
+    "NodeIdentity",
+    "OutputIdentity",
+    "SourceFacts",
+    "check_object",
+    "dciodvfy_errors",
+    "encode_results",
+    "expected_identities",
+    "load_results",
+    "object_problems",
+    "run_dciodvfy",
+    "write_results",
+]
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How results are encoded. Options that change the content also change the UIDs."""
+
+    segmentation_type: str = BINARY
+    """BINARY (default; what OHIF displays) or FRACTIONAL (from ``Finding.probability``)."""
+    roi_shape: str = "box"
+    """2D SCOORD in the viewer SR: ``"box"`` (closed POLYLINE), ``"ellipse"`` or ``"point"``."""
+    volumetric_sr: bool = False
+    """Also write the SEG-referencing volumetric SR (a separate series; OHIF cannot show it)."""
+    series_numbers: tuple[tuple[str, int], ...] = ()
+    """Overrides of the default series numbers, e.g. ``(("sr", 901), ("seg", 902))``."""
+    procedure_reported: CodedConcept | None = None
+    """TID 1500 Procedure Reported; default from the modality (CID 100)."""
+    check: bool = True
+    """Run the conformance gate on every object (raise ConformanceError on failure)."""
+    dciodvfy: bool = False
+    """Also require zero dciodvfy errors at run time, when dciodvfy is installed."""
+
+    def profile(self, kind: str) -> str:
+        """The part of the options that shapes ``kind``'s content (goes into its UIDs)."""
+        if kind == KIND_SEG:
+            return f"seg={self.segmentation_type}"
+        if kind == KIND_SR:
+            return f"roi={self.roi_shape}"
+        return f"seg={self.segmentation_type}"
+
+
+def expected_identities(job: JobContext, options: EncodeOptions | None = None) -> dict[str, OutputIdentity]:
+    """The deterministic identity of each output kind of ``job`` (what will be / was sent)."""
+    options = options or EncodeOptions()
+    numbers = dict(options.series_numbers)
+    return {
+        kind: output_identity(job, kind, profile=options.profile(kind), series_number=numbers.get(kind))
+        for kind in (KIND_SR, KIND_SEG, KIND_SR_VOLUMETRIC)
+    }
+
+
+def encode_results(
+    volume: Volume,
+    result: DetectionResult,
+    job: JobContext,
+    options: EncodeOptions | None = None,
+) -> list[EncodedObject]:
+    """Encode ``result`` (found in ``volume``) as DICOM objects, checked by the conformance gate.
+
+    Returns the viewer SR first, then the SEG (if any finding has a mask), then the volumetric
+    SR (if asked for and there is a SEG). Raises :class:`~dicom_node.errors.JobError`
+    (``ConformanceError`` among them) with a patient-free reason when the result cannot be
+    encoded or an object fails the gate.
+    """
+    options = options or EncodeOptions()
+    if (result.model_name, result.model_version) != (job.model.name, job.model.version):
+        raise ValueError("the detection result was made by a different model than the job names")
+    if volume.study_instance_uid != job.study_instance_uid:
+        raise ValueError("the volume belongs to a different study than the job")
+    check_result_matches(volume, result)
+    ids = expected_identities(job, options)
+
+    objects = [
+        EncodedObject.from_dataset(
+            KIND_SR,
+            build_viewer_sr(
+                volume, result, job, ids[KIND_SR],
+                roi_shape=options.roi_shape, procedure=options.procedure_reported,
+            ),
+        )
+    ]
+    built = build_segmentation(volume, result, job, ids[KIND_SEG], segmentation_type=options.segmentation_type)
+    if built is not None:
+        seg, segments = built
+        seg_obj = EncodedObject.from_dataset(KIND_SEG, seg)
+        objects.append(seg_obj)
+        if options.volumetric_sr:
+            objects.append(
+                EncodedObject.from_dataset(
+                    KIND_SR_VOLUMETRIC,
+                    build_volumetric_sr(
+                        volume, result, job, ids[KIND_SR_VOLUMETRIC], seg_obj.dataset, segments,
+                        procedure=options.procedure_reported,
+                    ),
+                )
+            )
+
+    if options.check:
+        facts = SourceFacts.from_volume(volume, job)
+        for obj in objects:
+            check_object(
+                obj, facts, job,
+                expected=ids[obj.kind],
+                finding_count=len(result.findings) if obj.kind == KIND_SR else None,
+                dciodvfy=options.dciodvfy,
+            )
+    return objects

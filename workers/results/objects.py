@@ -1,0 +1,115 @@
+"""Encoded result objects: the exact bytes that are stored, checked and sent.
+
+An :class:`EncodedObject` is made once from a highdicom dataset and from then on is only bytes
+(plus the parsed dataset for convenience). The conformance gate checks those bytes, they are
+written to the job's result folder before any delivery, and every (re)send reads them back from
+there, so a resend is byte-identical to the first send.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from workers.results.identity import KIND_SEG, KIND_SR, KIND_SR_VOLUMETRIC, OUTPUT_KINDS
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
+SOP_CLASS_BY_KIND = {
+    KIND_SR: COMPREHENSIVE_3D_SR_STORAGE,
+    KIND_SEG: SEGMENTATION_STORAGE,
+    KIND_SR_VOLUMETRIC: COMPREHENSIVE_3D_SR_STORAGE,
+}
+
+
+@dataclass(frozen=True)
+class EncodedObject:
+    """One output object (Part 10 bytes) and what the pipeline needs to know about it."""
+
+    kind: str
+    """``"sr"`` (viewer SR), ``"seg"`` or ``"sr-volumetric"``."""
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    data: bytes = field(repr=False)
+    """The DICOM Part 10 file, exactly as stored and sent."""
+    dataset: Dataset = field(repr=False, compare=False)
+    """``data`` parsed (do not modify: it would no longer match ``data``)."""
+
+    @property
+    def filename(self) -> str:
+        """File name in the job's result folder (from the kind, never from a UID)."""
+        return f"{self.kind}.dcm"
+
+    @classmethod
+    def from_dataset(cls, kind: str, ds: Dataset) -> EncodedObject:
+        """Serialise ``ds`` (Part 10, its own transfer syntax) and parse the bytes back."""
+        if kind not in OUTPUT_KINDS:
+            raise ValueError(f"unknown output kind {kind!r}")
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        return cls.from_bytes(kind, buf.getvalue())
+
+    @classmethod
+    def from_bytes(cls, kind: str, data: bytes) -> EncodedObject:
+        """Parse stored Part 10 bytes (raises pydicom's errors when unreadable)."""
+        ds = pydicom.dcmread(io.BytesIO(data))
+        return cls(
+            kind=kind,
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            data=data,
+            dataset=ds,
+        )
+
+
+def write_results(objects: list[EncodedObject], out_dir: Path) -> list[Path]:
+    """Write each object to ``out_dir/<kind>.dcm`` atomically (temp file, fsync, rename).
+
+    Returns the paths in the order of ``objects``. Rewriting the same objects is harmless.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kinds = [o.kind for o in objects]
+    if len(set(kinds)) != len(kinds):
+        raise ValueError("two objects of the same kind cannot be written to one folder")
+    paths = []
+    for obj in objects:
+        target = out_dir / obj.filename
+        fd, tmp = tempfile.mkstemp(prefix=f".{obj.kind}.", suffix=".tmp", dir=out_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(obj.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        paths.append(target)
+    dir_fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return paths
+
+
+def load_results(out_dir: Path) -> list[EncodedObject]:
+    """Read back what :func:`write_results` stored (SR first, then SEG, then volumetric SR)."""
+    out_dir = Path(out_dir)
+    found = []
+    for kind in OUTPUT_KINDS:
+        path = out_dir / f"{kind}.dcm"
+        if path.is_file():
+            found.append(EncodedObject.from_bytes(kind, path.read_bytes()))
+    return found

@@ -1,0 +1,30 @@
+"""FastAPI dependencies shared by the route modules."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from dicom_node.api.auth import authenticate
+from dicom_node.settings import Settings
+from dicom_node.state import Database
+
+User = Annotated[str, Depends(authenticate)]
+"""Add ``user: User`` to a route to require credentials (every route but /healthz)."""
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_db(request: Request) -> Database:
+    return request.app.state.db  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DatabaseDep = Annotated[Database, Depends(get_db)]
+
+
+def app_state(request: Request, name: str, default: Any = None) -> Any:
+    return getattr(request.app.state, name, default)

@@ -1,0 +1,42 @@
+"""``/api/jobs``: job list and detail (JSON)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query
+
+from dicom_node.api import jobs as job_views
+from dicom_node.api.deps import DatabaseDep, User
+
+router = APIRouter(prefix="/api", tags=["jobs"])
+
+
+@router.get("/jobs")
+def list_jobs(
+    user: User,
+    db: DatabaseDep,
+    state: str | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    study: Annotated[str | None, Query(description="study key")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    """Jobs, newest first, with state, study key, model, timings and attempts."""
+    with db.session() as s:
+        items = job_views.list_jobs(
+            s, state=state, model=model, since=since, study_key=study, limit=limit, offset=offset
+        )
+    return {"jobs": items, "count": len(items), "offset": offset}
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: str, user: User, db: DatabaseDep) -> dict[str, Any]:
+    """One job with its outputs, deliveries, lease and errors."""
+    with db.session() as s:
+        view = job_views.get_job(s, job_id)
+    if view is None:
+        raise HTTPException(404, "no such job")
+    return view

@@ -381,7 +381,7 @@ class JobRunner:
                 for o in s.scalars(
                     select(Output).where(Output.job_id == job_id).order_by(Output.id)
                 )
-                if o.kind in ("seg", "sr")
+                if o.kind != "summary"
             ]
             deliveries = [
                 (d.id, d.destination, d.attempts, d.next_attempt_at)
@@ -406,7 +406,11 @@ class JobRunner:
                 attempts += 1
                 try:
                     if outputs:
-                        deliver(build_destination(name, cfg), outputs, verify=cfg.read_back)
+                        deliver(
+                            build_destination(name, cfg, calling_ae_title=self.settings.ae_title),
+                            outputs,
+                            verify=cfg.read_back,
+                        )
                 except TransientDeliveryError as exc:
                     if attempts >= cfg.max_attempts:
                         self._delivery_update(

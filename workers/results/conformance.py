@@ -351,8 +351,15 @@ def object_problems(
     """Every rule ``obj`` breaks (empty when it passes). Checks the bytes, not a live dataset."""
     try:
         ds = pydicom.dcmread(io.BytesIO(obj.data))
+        # pydicom stops quietly at a truncation; writing the parsed file again must give the
+        # very same bytes, which proves every element was read.
+        again = io.BytesIO()
+        ds.save_as(again, enforce_file_format=True)
+        complete = again.getvalue() == obj.data
     except Exception as exc:  # any parse failure means the file is unusable
         return [f"{obj.kind}: the encoded file cannot be read back ({type(exc).__name__})"]
+    if not complete:
+        return [f"{obj.kind}: the encoded file cannot be read back completely (truncated or malformed)"]
     problems = _common_problems(ds, obj.kind, facts, job, expected)
     if obj.kind == KIND_SEG:
         problems += _seg_problems(ds, facts)

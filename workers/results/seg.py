@@ -25,6 +25,7 @@ import highdicom as hd
 import numpy as np
 
 from dicom_node.errors import JobError
+from dicom_node.uids import derive_uid
 from workers.findings import (
     MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
     CodedConcept,
@@ -204,8 +205,16 @@ def build_segmentation(
         omit_empty_frames=True,
         workers=0,
     )
+    # highdicom draws a random Dimension Organization UID; derive it like every other UID so
+    # that encoding the same job twice gives the same bytes.
+    dim_uid = derive_uid(identity.sop_instance_uid, "dimension-organization")
+    for item in [*seg.get("DimensionOrganizationSequence", []), *seg.get("DimensionIndexSequence", [])]:
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = dim_uid
     seg.SeriesDescription = identity.series_description
     seg.StationName = job.node.ae_title[:16]
-    seg.ContributingEquipmentSequence = contributing_equipment(job)
+    # highdicom types this as its ContributingEquipment, which only takes DCM purposes; IHE AIR
+    # needs the 99IHE one, so the sequence is built with pydicom.
+    seg.ContributingEquipmentSequence = contributing_equipment(job)  # type: ignore[assignment]
     stamp_dates(seg, job)
     return seg, refs

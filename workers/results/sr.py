@@ -222,7 +222,9 @@ def _document(
     sr.ManufacturerModelName = model.name[:64]
     sr.SoftwareVersions = model.version[:64]
     sr.StationName = job.node.ae_title[:16]
-    sr.ContributingEquipmentSequence = contributing_equipment(job)
+    # highdicom types this as its ContributingEquipment, which only takes DCM purposes; IHE AIR
+    # needs the 99IHE one, so the sequence is built with pydicom.
+    sr.ContributingEquipmentSequence = contributing_equipment(job)  # type: ignore[assignment]
     stamp_dates(sr, job)
     return sr
 

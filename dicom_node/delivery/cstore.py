@@ -1,0 +1,86 @@
+"""C-STORE write-back: the stored files over one association per batch (:func:`dicom_node.scu.send_files`),
+every status checked, an empty status counted as a failure."""
+
+from __future__ import annotations
+
+from dicom_node.delivery.destinations import CStoreDestination
+from dicom_node.delivery.objects import StoredObject
+from dicom_node.delivery.report import InstanceOutcome
+from dicom_node.delivery.status import Verdict, classify_status, describe_reason
+from dicom_node.scu import (
+    STAGE_ASSOCIATE,
+    STAGE_CONTEXT,
+    STAGE_LOCAL,
+    DicomFile,
+    SendOutcome,
+    echo,
+    send_files,
+)
+
+# A-ASSOCIATE-RJ (source, reason) pairs that no amount of waiting fixes (PS3.8 9.3.4):
+# application context name not supported, called AE title not recognised (we call the wrong
+# AE title), protocol version not supported. Everything else -- including DCMTK's --refuse,
+# which answers "rejected-permanent, no reason given" -- is retried: PACS reject while busy, in
+# maintenance, or until an administrator has registered our AE title.
+PERMANENT_REJECTIONS = {(1, 2), (1, 7), (2, 2)}
+
+
+def rejection_text(rejection: tuple[int, int, int]) -> str:
+    result, source, reason = rejection
+    results = {1: "rejected-permanent", 2: "rejected-transient"}
+    reasons = {
+        (1, 1): "no reason given",
+        (1, 2): "application context name not supported",
+        (1, 3): "calling AE title not recognised",
+        (1, 7): "called AE title not recognised",
+        (2, 1): "no reason given (ACSE)",
+        (2, 2): "protocol version not supported",
+        (3, 1): "temporary congestion",
+        (3, 2): "local limit exceeded",
+    }
+    return (
+        f"association {results.get(result, f'rejected ({result})')}: "
+        f"{reasons.get((source, reason), f'source {source}, reason {reason}')}"
+    )
+
+
+def classify_send(outcome: SendOutcome) -> tuple[Verdict, str]:
+    """The verdict and a patient-free description of one :class:`SendOutcome`."""
+    if not outcome.stage:
+        verdict = classify_status(outcome.status)
+        return verdict, describe_reason(outcome.status)
+    if outcome.stage == STAGE_ASSOCIATE:
+        if outcome.rejection is not None:
+            _, source, reason = outcome.rejection
+            permanent = (source, reason) in PERMANENT_REJECTIONS
+            return (Verdict.PERMANENT if permanent else Verdict.TRANSIENT), rejection_text(
+                outcome.rejection
+            )
+        return Verdict.TRANSIENT, outcome.detail  # refused connection, abort, ACSE timeout
+    if outcome.stage == STAGE_CONTEXT:
+        return Verdict.PERMANENT, "the peer does not accept this SOP class / transfer syntax"
+    if outcome.stage == STAGE_LOCAL:
+        return Verdict.PERMANENT, outcome.detail
+    return Verdict.TRANSIENT, outcome.detail  # lost association, no response (timeout / abort)
+
+
+def store(dest: CStoreDestination, objects: list[StoredObject]) -> list[InstanceOutcome]:
+    """C-STORE the objects; one outcome per object (DUPLICATE ones still need an ownership check)."""
+    by_path = {obj.path: obj for obj in objects}
+    files = [
+        DicomFile(obj.path, obj.sop_class_uid, obj.sop_instance_uid, obj.transfer_syntax_uid)
+        for obj in objects
+    ]
+    outcomes = []
+    for sent in send_files(dest.peer(), files):
+        verdict, detail = classify_send(sent)
+        status = sent.status if not sent.stage else None
+        outcomes.append(
+            InstanceOutcome(sent.path, by_path[sent.path].sop_instance_uid, verdict, status, detail)
+        )
+    return outcomes
+
+
+def ping(dest: CStoreDestination) -> int:
+    """C-ECHO; returns the status (0 on success) or raises ``ConnectionError``."""
+    return echo(dest.peer())

@@ -184,7 +184,22 @@ def _associate(ae: AE, peer: Peer) -> Association:
     return assoc
 
 
+def no_context_accepted(assoc: Association) -> bool:
+    """True when the peer accepted the association but none of its presentation contexts, so
+    pynetdicom aborted it: the peer does not take these SOP classes / transfer syntaxes."""
+    rsp = assoc.acceptor.primitive
+    return (
+        assoc.is_aborted
+        and rsp is not None
+        and rsp.result == 0x00
+        and not assoc.accepted_contexts
+        and bool(assoc.rejected_contexts)
+    )
+
+
 def association_failure(assoc: Association) -> str:
+    if no_context_accepted(assoc):
+        return "the peer accepted none of the proposed SOP classes / transfer syntaxes"
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         if rsp is not None and rsp.result is not None:
@@ -265,8 +280,9 @@ def send_files(
         if not assoc.is_established:
             reason = association_failure(assoc)
             rejection = association_rejection(assoc)
+            stage = STAGE_CONTEXT if no_context_accepted(assoc) else STAGE_ASSOCIATE
             for f in batch:
-                report(SendOutcome(f.path, STATUS_NOT_SENT, reason, STAGE_ASSOCIATE, rejection))
+                report(SendOutcome(f.path, STATUS_NOT_SENT, reason, stage, rejection))
             continue
         try:
             accepted = {
@@ -334,10 +350,9 @@ def find(
     ae.add_requested_context(model)
     assoc = _associate(ae, peer)
     if not assoc.is_established:
-        return FindOutcome(
-            STATUS_NOT_SENT, [], association_failure(assoc), STAGE_ASSOCIATE,
-            association_rejection(assoc),
-        )
+        stage = STAGE_CONTEXT if no_context_accepted(assoc) else STAGE_ASSOCIATE
+        failure = association_failure(assoc)
+        return FindOutcome(STATUS_NOT_SENT, [], failure, stage, association_rejection(assoc))
     matches: list[Dataset] = []
     try:
         if not any(str(cx.abstract_syntax) == str(model) for cx in assoc.accepted_contexts):

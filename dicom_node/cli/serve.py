@@ -30,6 +30,11 @@ def register(app: typer.Typer) -> None:
             st.overrides.setdefault("scp", {})["receivers"] = receivers
         settings = st.settings()
         setup_logging(settings.log)
+        from dicom_node.metrics import prepare_multiprocess
+
+        # Before anything imports prometheus_client, and before receivers are spawned: they
+        # inherit the directory where each process writes its metric values.
+        prepare_multiprocess(settings.data_dir)
         from dicom_node import audit
         from dicom_node.components import build_components
 

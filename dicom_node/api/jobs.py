@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections import defaultdict
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from dicom_node.state import Job, Study
+from dicom_node.state import Delivery, Job, Study
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -71,27 +72,49 @@ def job_view(job: Job, study: Study, *, detail: bool = False) -> dict[str, Any]:
     return view
 
 
+def _utc(value: datetime) -> datetime:
+    # A date or time without zone from a query string means UTC (the database's clock).
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
 def list_jobs(
     s: Session,
     *,
     state: str | None = None,
     model: str | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
     study_key: str | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
+    """Jobs newest first; ``since`` inclusive, ``until`` exclusive (creation time). Each item
+    has ``deliveries``: the number of its deliveries per delivery state."""
     q = select(Job, Study).join(Study, Study.id == Job.study_id)
     if state:
         q = q.where(Job.state == state)
     if model:
         q = q.where(Job.model == model)
     if since:
-        q = q.where(Job.created_at >= since)
+        q = q.where(Job.created_at >= _utc(since))
+    if until:
+        q = q.where(Job.created_at < _utc(until))
     if study_key:
         q = q.where(Study.study_key == study_key)
     q = q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
-    return [job_view(job, study) for job, study in s.execute(q).all()]
+    items = [job_view(job, study) for job, study in s.execute(q).all()]
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    if items:
+        rows = s.execute(
+            select(Delivery.job_id, Delivery.state, func.count())
+            .where(Delivery.job_id.in_([i["id"] for i in items]))
+            .group_by(Delivery.job_id, Delivery.state)
+        )
+        for job_id, delivery_state, count in rows:
+            counts[job_id][delivery_state] = int(count)
+    for item in items:
+        item["deliveries"] = counts.get(item["id"], {})
+    return items
 
 
 def get_job(s: Session, job_id: str) -> dict[str, Any] | None:

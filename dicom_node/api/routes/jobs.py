@@ -19,15 +19,26 @@ def list_jobs(
     db: DatabaseDep,
     state: str | None = None,
     model: str | None = None,
-    since: datetime | None = None,
+    since: Annotated[
+        datetime | None, Query(description="created at or after (ISO date/time; UTC if no zone)")
+    ] = None,
+    until: Annotated[datetime | None, Query(description="created before (ISO date/time)")] = None,
     study: Annotated[str | None, Query(description="study key")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> dict[str, Any]:
-    """Jobs, newest first, with state, study key, model, timings and attempts."""
+    """Jobs, newest first, with state, study key, model, timings, attempts, findings count
+    and delivery states."""
     with db.session() as s:
         items = job_views.list_jobs(
-            s, state=state, model=model, since=since, study_key=study, limit=limit, offset=offset
+            s,
+            state=state,
+            model=model,
+            since=since,
+            until=until,
+            study_key=study,
+            limit=limit,
+            offset=offset,
         )
     return {"jobs": items, "count": len(items), "offset": offset}
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from dicom_node.errors import StorageError
 
 TEMP_DIR_NAME = ".tmp"
+_ZERO_PREAMBLE = bytes(128)
+_datasync = getattr(os, "fdatasync", os.fsync)
 _KEY_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
 
@@ -75,13 +77,36 @@ class Spool:
         return candidate
 
     def sync_file(self, path: Path) -> None:
+        """Make the file's content durable (fdatasync: data and size, not timestamps)."""
         if not self.fsync:
             return
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            _datasync(fd)
         finally:
             os.close(fd)
+
+    def write_temp(self, data: bytes | bytearray | memoryview) -> Path:
+        """Write a Part 10 file held in memory to a new temporary file, fsynced.
+
+        The 128-byte preamble is written as zeros whatever ``data`` holds (a preamble can carry
+        an executable header, CVE-2019-11687). A failed write removes the partial file and
+        raises ``OSError``.
+        """
+        temp = self.new_temp_path()
+        view = memoryview(data)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            _write_all(fd, _ZERO_PREAMBLE)
+            _write_all(fd, view[128:])
+            if self.fsync:
+                _datasync(fd)
+        except BaseException:
+            os.close(fd)
+            self.discard(temp)
+            raise
+        os.close(fd)
+        return temp
 
     def _sync_dir(self, directory: Path) -> None:
         if not self.fsync:
@@ -158,6 +183,13 @@ class Spool:
             except FileNotFoundError:
                 continue
         return removed
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def is_disk_full(exc: OSError) -> bool:

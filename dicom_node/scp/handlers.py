@@ -11,6 +11,7 @@ from pynetdicom.events import Event
 
 from dicom_node import audit
 from dicom_node.ingest import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
+from dicom_node.scp.incoming import IncomingDataset
 
 if TYPE_CHECKING:
     from dicom_node.scp.server import Receiver
@@ -35,25 +36,43 @@ def handle_store(event: Event, receiver: Receiver) -> int:
     """C-STORE: validate and store durably, then answer. Success only once on disk + indexed."""
     request = event.request
     calling = event.assoc.requestor.ae_title.strip()
-    try:
-        if receiver.chunked:
-            temp = Path(event.dataset_path)
+    expected = {
+        "expected_sop_class_uid": str(request.AffectedSOPClassUID or ""),
+        "expected_sop_instance_uid": str(request.AffectedSOPInstanceUID or ""),
+    }
+    sink = getattr(request, "_dataset_file", None)
+    if isinstance(sink, IncomingDataset):
+        if sink.error is not None or sink.oversize:
+            why = (
+                f"instance larger than the size cap of {sink.max_bytes} bytes"
+                if sink.oversize
+                else f"cannot write received instance: {sink.error.strerror if sink.error else ''}"
+            )
+            LOGGER.error("instance refused (status 0xA700): %s", why)
+            sink.discard()
+            receiver.observe_status(STATUS_OUT_OF_RESOURCES, 0)
+            return STATUS_OUT_OF_RESOURCES
+        size = sink.size
+        if sink.in_memory:
+            data, sink.buffer = sink.buffer, bytearray()
+            result = receiver.ingestor.ingest_bytes(data, calling_ae_title=calling, **expected)
         else:
-            temp = receiver.spool.new_temp_path()
-            with temp.open("wb") as fh:
-                fh.write(event.encoded_dataset(include_meta=True))
-    except OSError as exc:
-        LOGGER.error("cannot write received instance: %s", exc.strerror)
-        receiver.observe_status(STATUS_OUT_OF_RESOURCES, 0)
-        return STATUS_OUT_OF_RESOURCES
-    size = temp.stat().st_size if temp.exists() else 0
-    result = receiver.ingestor.ingest_file(
-        temp,
-        calling_ae_title=calling,
-        source="dimse",
-        expected_sop_class_uid=str(request.AffectedSOPClassUID),
-        expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
-    )
+            sink.close()
+            if sink.error is not None:
+                sink.discard()
+                receiver.observe_status(STATUS_OUT_OF_RESOURCES, 0)
+                return STATUS_OUT_OF_RESOURCES
+            result = receiver.ingestor.ingest_file(sink.path, calling_ae_title=calling, **expected)
+    else:
+        # pynetdicom's own temporary file (no sink hook in this pynetdicom version)
+        try:
+            temp = Path(event.dataset_path)
+            size = temp.stat().st_size
+        except (OSError, AttributeError) as exc:
+            LOGGER.error("cannot read received instance: %s", type(exc).__name__)
+            receiver.observe_status(STATUS_OUT_OF_RESOURCES, 0)
+            return STATUS_OUT_OF_RESOURCES
+        result = receiver.ingestor.ingest_file(temp, calling_ae_title=calling, **expected)
     receiver.observe_status(result.status, size if result.ok else 0)
     if result.new_study:
         audit.record(

@@ -19,6 +19,7 @@ from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.ingest import Ingestor
+from dicom_node.scp import incoming
 from dicom_node.scp.contexts import storage_contexts, verification_context
 from dicom_node.scp.handlers import bindings
 from dicom_node.settings import Settings, TlsSettings
@@ -41,6 +42,9 @@ def configure_pynetdicom(settings: Settings, spool: Spool) -> None:
     # pynetdicom's chunked receive writes to tempfile's directory; keep it inside the spool so
     # the final link is on the same file system and aborted transfers are swept with the rest.
     tempfile.tempdir = str(spool.tmp)
+    # Incoming datasets go to our sink: memory up to a limit, then the spool; a write error or
+    # an oversized dataset becomes A700 instead of aborting the association.
+    incoming.install(settings.scp.max_instance_bytes)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
@@ -90,7 +94,6 @@ class Receiver:
         )
         self.spool.prepare()
         self.ingestor = Ingestor(settings, db, self.spool)
-        self.chunked = True
         self.reuse_port = reuse_port
         self.server: NodeAssociationServer | None = None
         self.ae: AE | None = None

@@ -1,0 +1,160 @@
+"""Where pynetdicom puts an incoming C-STORE dataset while it arrives: memory, then the spool.
+
+pynetdicom's chunked receive (``STORE_RECV_CHUNKED_DATASET``) writes every incoming dataset to a
+``NamedTemporaryFile`` it creates itself, from its network thread. That has three problems for a
+receiver that must answer honestly and fast:
+
+* a write error there (disk full) raises inside pynetdicom's DUL thread, which aborts the
+  association instead of letting us answer A700;
+* nothing bounds the size: a 100 GB dataset is written until the disk is full;
+* a file per instance plus a flush per PDV costs CPU on small instances, which are most of them.
+
+:class:`IncomingDataset` is handed to pynetdicom in place of that temporary file. It keeps a
+dataset in memory up to :data:`SPILL_BYTES` and only then spills it to a file in the spool's
+temporary area (so memory per association stays bounded), never raises from ``write``, and
+records a write error or a size-cap overrun for the C-STORE handler to turn into A700. Whatever
+arrives after such a failure is discarded, so the rest of the association keeps working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+LOGGER = logging.getLogger(__name__)
+
+SPILL_BYTES = 8 * 2**20
+"""Datasets up to this size stay in memory until the handler writes them once, fsynced; larger
+ones go to a temporary file as they arrive (memory per association stays below this)."""
+
+
+class IncomingDataset:
+    """A write-only sink with the parts of a file object pynetdicom uses.
+
+    pynetdicom calls ``write()``, ``file.flush()`` after every PDV, reads ``name`` (it later
+    passes ``Path(name)`` as ``event.dataset_path``), and after the handler returns calls
+    ``close()`` and unlinks ``name``.
+    """
+
+    max_bytes: int = 2 * 1024**3
+    """Size cap (bytes, file meta included); set per receiver process by :func:`install`."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.name = os.path.join(directory or tempfile.gettempdir(), f"{uuid.uuid4().hex}.part")
+        self.buffer = bytearray()
+        self.size = 0
+        self.error: OSError | None = None
+        """The write error that lost this dataset (disk full...), if any."""
+        self.oversize = False
+        """True when more than ``max_bytes`` arrived."""
+        self.spilled = False
+        """True once the dataset went to the file ``name`` instead of memory."""
+        self._fh: object | None = None
+
+    # -- what pynetdicom calls ----------------------------------------------------------------
+
+    @property
+    def file(self) -> IncomingDataset:
+        return self
+
+    def flush(self) -> None:
+        """No per-PDV flush: the handler fsyncs the complete file once."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = len(data)
+        if self.error is not None or self.oversize:
+            return n  # already failed: drain the rest of the message
+        self.size += n
+        if self.size > self.max_bytes:
+            self.oversize = True
+            self._drop()
+            return n
+        if self._fh is None:
+            self.buffer += data
+            if len(self.buffer) > SPILL_BYTES:
+                self._spill()
+            return n
+        try:
+            self._fh.write(data)  # type: ignore[attr-defined]
+        except OSError as exc:
+            self._fail(exc)
+        return n
+
+    def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()  # type: ignore[attr-defined]
+            except OSError as exc:
+                self._fail(exc)
+
+    # -- what the handler uses ----------------------------------------------------------------
+
+    @property
+    def in_memory(self) -> bool:
+        """True when the whole dataset is in :attr:`buffer` (no file was written)."""
+        return not self.spilled
+
+    @property
+    def path(self) -> Path:
+        return Path(self.name)
+
+    def discard(self) -> None:
+        """Drop whatever was kept (memory or file)."""
+        self._drop()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _spill(self) -> None:
+        try:
+            fh = open(self.name, "xb")  # noqa: SIM115 - stays open while the dataset arrives
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self._fh = fh
+        self.spilled = True
+        data, self.buffer = self.buffer, bytearray()
+        try:
+            fh.write(data)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+        self._drop()
+
+    def _drop(self) -> None:
+        self.buffer = bytearray()
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()  # type: ignore[attr-defined]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name)
+
+
+def _factory(*_args: object, **_kwargs: object) -> IncomingDataset:
+    return IncomingDataset()
+
+
+def install(max_bytes: int) -> bool:
+    """Make pynetdicom's chunked receive use :class:`IncomingDataset` in this process.
+
+    pynetdicom creates its temporary file through the module-level name
+    ``pynetdicom.dimse_messages.NamedTemporaryFile``; we replace that name. Returns ``False``
+    (and pynetdicom keeps its own temporary files, which the handler also accepts) when a
+    pynetdicom version no longer has it.
+    """
+    from pynetdicom import dimse_messages
+
+    IncomingDataset.max_bytes = max_bytes
+    if not hasattr(dimse_messages, "NamedTemporaryFile"):
+        LOGGER.warning("pynetdicom has no NamedTemporaryFile hook; using its own temporary files")
+        return False
+    dimse_messages.NamedTemporaryFile = _factory  # type: ignore[attr-defined]
+    return True

@@ -1,0 +1,175 @@
+"""Helpers for the receiving-edge tests: what is in the spool and the index, and senders that
+can say things pynetdicom's defaults would not (hostile UIDs, mismatched commands)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config
+from sqlalchemy import select
+
+from dicom_node.spool import TEMP_DIR_NAME
+from dicom_node.state import Database, DuplicateEvent, Instance, Series, Study
+
+
+def dataset_part(path: Path) -> bytes:
+    """The bytes of a Part 10 file after its file meta information (group 0002).
+
+    Independent of the node's own parser: follows the (0002,0000) group length.
+    """
+    data = Path(path).read_bytes()
+    assert data[128:132] == b"DICM", f"{path} is not Part 10"
+    assert data[132:136] == b"\x02\x00\x00\x00", f"{path} has no file meta group length"
+    group_length = struct.unpack("<I", data[140:144])[0]
+    return data[144 + group_length :]
+
+
+def spool_files(data_dir: Path) -> list[Path]:
+    """Instances under their final names in the node's spool (temporary files excluded)."""
+    spool = Path(data_dir) / "spool"
+    if not spool.is_dir():
+        return []
+    return sorted(
+        p for p in spool.rglob("*") if p.is_file() and TEMP_DIR_NAME not in p.relative_to(spool).parts
+    )
+
+
+def temp_files(data_dir: Path) -> list[Path]:
+    tmp = Path(data_dir) / "spool" / TEMP_DIR_NAME
+    return sorted(tmp.iterdir()) if tmp.is_dir() else []
+
+
+def instance_rows(db_url: str) -> list[Instance]:
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            return list(s.scalars(select(Instance).order_by(Instance.id)))
+    finally:
+        db.dispose()
+
+
+def index_summary(db_url: str) -> dict[str, Any]:
+    """studies -> {series -> {sop instance uids}} from the index, plus duplicate events."""
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            studies = {st.id: st.study_instance_uid for st in s.scalars(select(Study))}
+            series = {se.id: (se.series_instance_uid, se.study_id) for se in s.scalars(select(Series))}
+            tree: dict[str, dict[str, set[str]]] = {}
+            for inst in s.scalars(select(Instance)):
+                series_uid, study_id = series[inst.series_id]
+                assert inst.study_id == study_id, "instance and its series point at different studies"
+                tree.setdefault(studies[inst.study_id], {}).setdefault(series_uid, set()).add(
+                    inst.sop_instance_uid
+                )
+            dups = [
+                {"identical": d.identical, "action": d.action, "instance_id": d.instance_id}
+                for d in s.scalars(select(DuplicateEvent).order_by(DuplicateEvent.id))
+            ]
+            counts = {
+                st.study_instance_uid: (st.instance_count, st.total_bytes) for st in s.scalars(select(Study))
+            }
+            return {"tree": tree, "duplicates": dups, "study_counts": counts}
+    finally:
+        db.dispose()
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every path under ``root`` (files, folders, links) with its type and size."""
+    out: dict[str, tuple[str, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            kind = "link" if p.is_symlink() else ("dir" if p.is_dir() else "file")
+            out[str(p.relative_to(root))] = (kind, st.st_size if kind == "file" else 0)
+    return out
+
+
+@contextmanager
+def lenient_uids() -> Iterator[None]:
+    """Let this process's pynetdicom put any UID on the wire (a hostile sender's view)."""
+    saved = dict(_config.VALIDATORS)
+    saved_enforce = _config.ENFORCE_UID_CONFORMANCE
+    _config.VALIDATORS["UI"] = lambda value: (True, "")
+    _config.ENFORCE_UID_CONFORMANCE = False
+    try:
+        yield
+    finally:
+        _config.VALIDATORS.clear()
+        _config.VALIDATORS.update(saved)
+        _config.ENFORCE_UID_CONFORMANCE = saved_enforce
+
+
+def store_datasets(
+    port: int,
+    datasets: list[Dataset],
+    *,
+    called: str = "AINODE",
+    calling: str = "TESTSCU",
+) -> list[int | None]:
+    """C-STORE in-memory datasets over one association; the statuses (None = no response)."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
+    for sop_class, ts in pairs:
+        ae.add_requested_context(sop_class, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association refused"
+    statuses: list[int | None] = []
+    try:
+        for ds in datasets:
+            rsp = assoc.send_c_store(ds)
+            statuses.append(int(rsp.Status) if rsp is not None and "Status" in rsp else None)
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses
+
+
+def store_files(
+    port: int, paths: list[Path], *, called: str = "AINODE", calling: str = "TESTSCU"
+) -> list[int | None]:
+    """C-STORE files exactly as they are on disk (pynetdicom streams the dataset bytes).
+
+    The command's Affected SOP Class/Instance UIDs come from each file's meta information,
+    the data set from the bytes after it: a file whose meta disagrees with its data set makes
+    the command disagree with the data set.
+    """
+    saved = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        metas = [read_file_meta_info(p) for p in paths]
+        ae = AE(ae_title=calling)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+        for pair in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
+            ae.add_requested_context(pair[0], [pair[1]])
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        assert assoc.is_established, "association refused"
+        statuses: list[int | None] = []
+        try:
+            for p in paths:
+                rsp = assoc.send_c_store(p)
+                statuses.append(int(rsp.Status) if rsp is not None and "Status" in rsp else None)
+                if not assoc.is_established:
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return statuses
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = saved
+
+
+def read_stored(path: Path) -> Dataset:
+    return dcmread(path, stop_before_pixels=True)

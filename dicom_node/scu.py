@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
@@ -176,7 +176,17 @@ def _make_ae(peer: Peer) -> AE:
 
 def _associate(ae: AE, peer: Peer) -> Association:
     tls_args = (peer.tls, peer.server_hostname or peer.host) if peer.tls else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    # pynetdicom reports a refused TCP connection as an abort; remember whether TCP connected
+    # so that association_failure() can tell "cannot connect" from "the peer aborted".
+    opened: list[bool] = []
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(True))],
+    )
+    assoc.tcp_connected = bool(opened)  # type: ignore[attr-defined]
     if assoc.is_established:
         sock = assoc.dul.socket.socket if assoc.dul.socket else None
         if sock is not None:
@@ -198,6 +208,8 @@ def no_context_accepted(assoc: Association) -> bool:
 
 
 def association_failure(assoc: Association) -> str:
+    if not getattr(assoc, "tcp_connected", True):
+        return "could not connect (connection refused, host unreachable or timed out)"
     if no_context_accepted(assoc):
         return "the peer accepted none of the proposed SOP classes / transfer syntaxes"
     if assoc.is_rejected:

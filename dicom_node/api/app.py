@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 
 from dicom_node import __version__
 from dicom_node.api import routes
+from dicom_node.api.auth import RequireCredentials
 from dicom_node.settings import Settings
 from dicom_node.state import Database
 
@@ -43,4 +44,5 @@ def create_app(settings: Settings, db: Database, *, broker_check: Any = None) ->
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
+    app.add_middleware(RequireCredentials)
     return app

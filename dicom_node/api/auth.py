@@ -9,11 +9,16 @@ from __future__ import annotations
 import base64
 import hmac
 import ipaddress
+from typing import Any
 
 from fastapi import HTTPException, Request, status
+from fastapi.responses import JSONResponse
 
 from dicom_node.errors import ConfigError
 from dicom_node.settings import Settings
+
+PUBLIC_PATHS = frozenset({"/healthz"})
+"""The only paths served without credentials."""
 
 
 def check_exposure(settings: Settings) -> None:
@@ -55,3 +60,26 @@ def authenticate(request: Request) -> str:
         detail="authentication required",
         headers={"WWW-Authenticate": 'Basic realm="dicom-node", Bearer'},
     )
+
+
+class RequireCredentials:
+    """ASGI middleware: every request outside :data:`PUBLIC_PATHS` needs credentials.
+
+    Routes also declare ``user: User``; this catches what a route cannot declare (the OpenAPI
+    schema and docs pages, static files, a route that forgot), so no path is open by mistake.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            try:
+                authenticate(Request(scope))
+            except HTTPException as exc:
+                response = JSONResponse(
+                    {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,190 @@
+"""The shipped Orthanc configuration and its auto-route script, run for real: Orthanc started from
+``orthanc/orthanc.json`` (only paths, ports and users replaced) with ``orthanc/autoroute.lua``
+next to it, and ``dicom-node serve`` as the registered modality ``ainode``.
+
+What stays for the job pipeline's end-to-end test: that the node's results, once written back,
+land in the same study in Orthanc (here the results are uploaded by the test instead).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from tests.delivery_peers import result_objects
+from tests.dicomgen import ct_series
+from tests.peers import REPO, NodeProcess, Orthanc, wait_until
+
+CONFIG = REPO / "orthanc" / "orthanc.json"
+SCRIPT = REPO / "orthanc" / "autoroute.lua"
+STABLE_AGE = 2
+# What differs between the shipped file and a test run on loopback; everything else is kept.
+MACHINE_SPECIFIC = {
+    "StorageDirectory",
+    "IndexDirectory",
+    "Plugins",
+    "HttpPort",
+    "DicomPort",
+    "RegisteredUsers",
+}
+
+
+def shipped_config() -> dict[str, Any]:
+    return json.loads(CONFIG.read_text())
+
+
+def test_shipped_configuration_is_safe_and_complete() -> None:
+    cfg = shipped_config()
+    assert (
+        cfg["AuthenticationEnabled"] is True and cfg["RegisteredUsers"] == {}
+    )  # users in a separate file
+    assert cfg["ExecuteLuaEnabled"] is False and cfg["RestApiWriteToFileSystemEnabled"] is False
+    assert cfg["DicomAlwaysAllowFind"] is False and cfg["DicomAlwaysAllowMove"] is False
+    assert cfg["DicomWeb"]["Enable"] is True
+    node = cfg["DicomModalities"]["ainode"]
+    assert (node["AET"], node["Port"], node["AllowStore"], node["AllowFind"]) == (
+        "AINODE",
+        11112,
+        True,
+        True,
+    )
+    assert cfg["LuaScripts"] == ["autoroute.lua"] and (CONFIG.parent / "autoroute.lua").is_file()
+    assert "AiNodeRouted" in cfg["UserMetadata"]
+    example = json.loads((CONFIG.parent / "credentials.json.example").read_text())
+    assert example["RegisteredUsers"]
+
+
+def node_instances(node: NodeProcess, study_uid: str) -> list[tuple[str, str]]:
+    """(SOP Class UID, Series Instance UID) of what the node received for a study."""
+    db = node.data_dir / "state.sqlite"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT i.sop_class_uid, se.series_instance_uid FROM instances i "
+            "JOIN studies s ON i.study_id = s.id JOIN series se ON i.series_id = se.id "
+            "WHERE s.study_instance_uid = ?",
+            (study_uid,),
+        ).fetchall()
+
+
+def node_duplicates(node: NodeProcess) -> int:
+    with sqlite3.connect(node.data_dir / "state.sqlite") as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM duplicate_events").fetchone()[0])
+
+
+def store_jobs(orthanc: Orthanc) -> list[dict[str, Any]]:
+    jobs = orthanc.get("/jobs", params={"expand": ""}).json()
+    return [j for j in jobs if j.get("Type") == "DicomModalityStore"]
+
+
+def routed_count(orthanc: Orthanc, study_uid: str) -> dict[str, str]:
+    """Series (by Orthanc ID) of a study with their AiNodeRouted metadata."""
+    found = orthanc.post("/tools/lookup", data=study_uid).json()
+    out = {}
+    for series in orthanc.get(f"/studies/{found[0]['ID']}/series").json():
+        names = orthanc.get(f"/series/{series['ID']}/metadata").json()
+        if "AiNodeRouted" in names:
+            out[series["ID"]] = orthanc.get(f"/series/{series['ID']}/metadata/AiNodeRouted").text
+    return out
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    proc = NodeProcess(
+        tmp_path / "node",
+        env={
+            "DICOM_NODE_WORKER__EMBEDDED_WORKERS": "0",  # receiving is what is tested here
+            "DICOM_NODE_STABLE_SECONDS": "3600",
+        },
+    ).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def routing_orthanc(tmp_path: Path, node: NodeProcess) -> Iterator[Orthanc]:
+    workdir = tmp_path / "orthanc"
+    workdir.mkdir()
+    shutil.copy(SCRIPT, workdir / "autoroute.lua")  # the shipped layout: script next to the config
+    extra = {k: v for k, v in shipped_config().items() if k not in MACHINE_SPECIFIC}
+    extra["DicomModalities"]["ainode"]["Port"] = node.dicom_port
+    extra["StableAge"] = STABLE_AGE
+    extra["SaveJobs"] = False
+    server = Orthanc(workdir, extra=extra).start()
+    yield server
+    server.stop()
+
+
+def orthanc_log(orthanc: Orthanc) -> str:
+    return (orthanc.workdir / "orthanc.log").read_text(errors="replace")[-4000:]
+
+
+def test_stable_ct_study_is_routed_to_the_node_and_results_are_not(
+    tmp_path: Path, routing_orthanc: Orthanc, node: NodeProcess
+) -> None:
+    orthanc = routing_orthanc
+    ct = ct_series(tmp_path / "ct-a", slices=6)
+    study_a = str(pydicom.dcmread(ct[0]).StudyInstanceUID)
+
+    orthanc.upload(ct)
+
+    wait_until(lambda: len(node_instances(node, study_a)) == 6, 60, message="CT study at the node")
+    wait_until(
+        lambda: list(routed_count(orthanc, study_a).values()) == ["6"],
+        30,
+        message="series marked routed",
+    )
+
+    # A late slice makes the study stable again: the series is sent again (the node keeps one
+    # copy of each instance it already had).
+    late = ct_series(
+        tmp_path / "ct-late",
+        slices=7,
+        study_uid=study_a,
+        series_uid=str(pydicom.dcmread(ct[0]).SeriesInstanceUID),
+    )[-1]
+    orthanc.upload([late])
+    wait_until(
+        lambda: len(node_instances(node, study_a)) == 7, 60, message="late slice at the node"
+    )
+    wait_until(
+        lambda: list(routed_count(orthanc, study_a).values()) == ["7"],
+        30,
+        message="new count recorded",
+    )
+    jobs_before_results = len(store_jobs(orthanc))
+    duplicates_before_results = node_duplicates(node)
+
+    # The node's results come back into the same study (uploaded here; the pipeline does it for
+    # real): a SEG, an SR, and an "AI:" image series that passes the CT filter but is ours.
+    seg, sr = result_objects(tmp_path / "results", study_uid=study_a)
+    ai_images = ct_series(
+        tmp_path / "ai-images", slices=2, study_uid=study_a, description="AI: nodule heatmap"
+    )
+    orthanc.upload([seg, sr, *ai_images])
+    # A different CT study afterwards: once it has arrived, the earlier stable event was handled.
+    control = ct_series(tmp_path / "ct-b", slices=3)
+    study_b = str(pydicom.dcmread(control[0]).StudyInstanceUID)
+    orthanc.upload(control)
+    wait_until(
+        lambda: len(node_instances(node, study_b)) == 3, 60, message="control study at the node"
+    )
+    wait_until(lambda: len(routed_count(orthanc, study_b)) == 1, 30, message="control marked")
+
+    at_node = node_instances(node, study_a)
+    result_series = {str(pydicom.dcmread(p).SeriesInstanceUID) for p in (seg, sr, ai_images[0])}
+    assert len(at_node) == 7, orthanc_log(orthanc)
+    assert not result_series & {series for _, series in at_node}, (
+        "the node's own output was routed back to it"
+    )
+    assert len(store_jobs(orthanc)) == jobs_before_results + 1  # only the control study's job
+    assert node_duplicates(node) == duplicates_before_results  # the CT was not sent a third time
+    assert all(j["State"] == "Success" for j in store_jobs(orthanc))

@@ -69,7 +69,9 @@ class Finding:
     key_slice: int
     """Index of the source slice where the finding is best seen (for the 2D SR annotation)."""
     bbox_2d: tuple[float, float, float, float]
-    """(col_min, row_min, col_max, row_max) in pixels on the key slice."""
+    """(col_min, row_min, col_max, row_max) box edges on the key slice in DICOM image coordinates:
+    pixel (i, j) spans [i, i + 1) x [j, j + 1), so the box around pixels i0..i1 is (i0, .., i1 + 1, ..).
+    The SR encoder writes it unchanged as the 2D SCOORD."""
     diameter_mm: float
     """Long-axis diameter in mm."""
     volume_mm3: float

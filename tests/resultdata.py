@@ -61,7 +61,7 @@ def sphere_finding(
     areas = mask.sum(axis=(1, 2))
     key = int(np.argmax(areas))
     rows, cols = np.nonzero(mask[key])
-    bbox = (float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max()))
+    bbox = (float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1))  # box edges
     prob = np.clip(1.0 - dist / (radius_mm * 1.5), 0.0, 1.0).astype(np.float32) if probability else None
     return Finding(
         label=label,

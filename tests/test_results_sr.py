@@ -73,13 +73,12 @@ def test_viewer_sr_round_trip(ct) -> None:
         assert group.tracking_identifier == f"Nodule {n + 1}"
         assert group.finding_type == hd.sr.CodedConcept("27925004", "SCT", "Nodule")
         assert [s.value.value for s in group.finding_sites] == [LUNG.value]
-        # the 2D box on the key slice: pixel (i, j) spans [i, i+1) x [j, j+1) in image coordinates
+        # the 2D box on the key slice, closed, around the mask's pixels on that slice
         c0, r0, c1, r1 = finding.bbox_2d
         assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-        assert np.allclose(
-            group.roi.value,
-            [[c0, r0], [c1 + 1, r0], [c1 + 1, r1 + 1], [c0, r1 + 1], [c0, r0]],
-        )
+        assert np.allclose(group.roi.value, [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]])
+        rows, cols = np.nonzero(finding.mask[finding.key_slice])
+        assert (c0, r0, c1, r1) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
         ref = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
         assert ref.ReferencedSOPInstanceUID == key_uids[finding.key_slice]
         assert _measurements(group) == {
@@ -162,7 +161,7 @@ def test_ellipse_and_point_annotations(ct, shape: str, graphic: str, points: int
     assert len(group.roi.value) == points
     centre = np.asarray(group.roi.value).mean(axis=0)
     c0, r0, c1, r1 = finding.bbox_2d
-    assert np.allclose(centre, [(c0 + c1 + 1) / 2, (r0 + r1 + 1) / 2], atol=0.51)
+    assert np.allclose(centre, [(c0 + c1) / 2, (r0 + r1) / 2], atol=0.51)
 
 
 def test_volumetric_sr_references_the_seg(ct) -> None:

@@ -164,7 +164,7 @@ def test_ohif_shows_seg_overlay_and_sr_measurement_on_the_key_slice(
 
     def box_edges(n: int = 40) -> np.ndarray:
         t = np.linspace(0.15, 0.85, n)
-        left, right, top, bottom = c0, c1 + 1, r0, r1 + 1
+        left, right, top, bottom = c0, c1, r0, r1
         return np.concatenate([
             np.stack([left + (right - left) * t, np.full(n, top)], 1),
             np.stack([left + (right - left) * t, np.full(n, bottom)], 1),
@@ -186,7 +186,7 @@ def test_ohif_shows_seg_overlay_and_sr_measurement_on_the_key_slice(
     edge_px = _to_screen(browser, world(box_edges()))
     # ring of points around the nodule (clearly outside mask and box) as the control region
     centre = mask_px.mean(axis=0)
-    radius = np.abs(_to_screen(browser, world(np.array([[c1 + 1, r1 + 1]]))) - centre).max() * 2.5
+    radius = np.abs(_to_screen(browser, world(np.array([[c1, r1]]))) - centre).max() * 2.5
     angles = np.linspace(0, 2 * np.pi, 90, endpoint=False)
     ring_px = centre + radius * np.stack([np.cos(angles), np.sin(angles)], 1)
     before = _rgb(browser.screenshot(shots / "1-ct.png"))

@@ -83,13 +83,12 @@ def procedure_for(modality: str) -> CodedConcept:
 def roi_graphic(finding: Finding, shape: str) -> tuple[hd.sr.GraphicTypeValues, np.ndarray]:
     """The 2D SCOORD of a finding on its key slice, in image coordinates (column, row).
 
-    ``bbox_2d`` holds inclusive pixel indices (col_min, row_min, col_max, row_max). In DICOM
-    image coordinates the top-left corner of the image is (0, 0) and pixel (i, j) spans
-    [i, i + 1) x [j, j + 1), so the box that encloses those pixels runs from the minimum
-    index to the maximum index + 1.
+    ``bbox_2d`` is (col_min, row_min, col_max, row_max) in DICOM image coordinates, where the
+    top-left corner of the image is (0, 0) and pixel (i, j) spans [i, i + 1) x [j, j + 1): the
+    box around pixels ``i0..i1`` runs from ``i0`` to ``i1 + 1`` (what
+    ``workers.models.measure.finding_from_mask`` produces). It is written unchanged.
     """
-    c0, r0, c1, r1 = (float(v) for v in finding.bbox_2d)
-    left, top, right, bottom = c0, r0, c1 + 1.0, r1 + 1.0
+    left, top, right, bottom = (float(v) for v in finding.bbox_2d)
     if shape == "box":
         pts = [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]]
         return hd.sr.GraphicTypeValues.POLYLINE, np.array(pts, dtype=np.float64)

@@ -58,7 +58,10 @@ def authenticate(request: Request) -> str:
     raise HTTPException(
         status_code=status.HTTP_401_UNAUTHORIZED,
         detail="authentication required",
-        headers={"WWW-Authenticate": 'Basic realm="dicom-node", Bearer'},
+        # Basic only: Chromium ignores the whole header when a second scheme follows in it
+        # ('Basic realm="x", Bearer'), and the dashboard could not log in. Token clients send
+        # their bearer token without needing a challenge.
+        headers={"WWW-Authenticate": 'Basic realm="dicom-node", charset="UTF-8"'},
     )
 
 

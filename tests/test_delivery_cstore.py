@@ -250,3 +250,57 @@ def test_duplicate_status_for_someone_elses_object_is_permanent(
     report = err.value.report  # type: ignore[attr-defined]
     assert [o.verdict for o in report.outcomes] == [Verdict.PERMANENT, Verdict.STORED]
     assert archive.held[str(theirs.SOPInstanceUID)].SeriesDescription == "Manual contours"
+
+
+# -- DICOM TLS ------------------------------------------------------------------------------------
+
+
+def test_cstore_over_tls_verifies_the_peer_certificate(tmp_path: Path, results: list[Path]) -> None:
+    import trustme
+
+    ca, other_ca = trustme.CA(), trustme.CA()
+    server, client = ca.issue_cert("127.0.0.1"), ca.issue_cert("ainode.example")
+    files = {
+        "server.key": server.private_key_pem,
+        "server.pem": server.cert_chain_pems[0],
+        "client.key": client.private_key_pem,
+        "client.pem": client.cert_chain_pems[0],
+        "ca.pem": ca.cert_pem,
+        "other-ca.pem": other_ca.cert_pem,
+    }
+    for name, blob in files.items():
+        blob.write_to_path(str(tmp_path / name))
+    # storescp requires TLS >= 1.2 (BCP 195 non-downgrading) and a client certificate from our CA.
+    scp = StoreSCP(
+        tmp_path / "storescp",
+        flags=[
+            "+tls",
+            str(tmp_path / "server.key"),
+            str(tmp_path / "server.pem"),
+            "+cf",
+            str(tmp_path / "ca.pem"),
+        ],
+    ).start()
+
+    def over_tls(trusted: str) -> CStoreDestination:
+        tls = {
+            "enabled": True,
+            "certificate": tmp_path / "client.pem",
+            "private_key": tmp_path / "client.key",
+            "ca_certificates": tmp_path / trusted,
+        }
+        return cstore_to(scp.aet, scp.port, tls=tls, timeout=5)
+
+    try:
+        # A server certificate from a CA we were not told to trust: permanent, nothing sent.
+        with pytest.raises(PermanentDeliveryError, match="certificate is not trusted"):
+            deliver(over_tls("other-ca.pem"), results)
+        with pytest.raises(PermanentDeliveryError, match="certificate is not trusted"):
+            echo_destination(over_tls("other-ca.pem"))
+        assert scp.received == []
+
+        assert echo_destination(over_tls("ca.pem")) < 30
+        assert deliver(over_tls("ca.pem"), results).delivered
+        assert len(scp.received) == len(results)
+    finally:
+        scp.stop()

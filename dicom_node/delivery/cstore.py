@@ -3,6 +3,9 @@ every status checked, an empty status counted as a failure."""
 
 from __future__ import annotations
 
+import socket
+import ssl
+
 from dicom_node.delivery.destinations import CStoreDestination
 from dicom_node.delivery.objects import StoredObject
 from dicom_node.delivery.report import InstanceOutcome
@@ -64,6 +67,33 @@ def classify_send(outcome: SendOutcome) -> tuple[Verdict, str]:
     return Verdict.TRANSIENT, outcome.detail  # lost association, no response (timeout / abort)
 
 
+def tls_problem(dest: CStoreDestination) -> str | None:
+    """Why a TLS handshake with the peer fails for a reason no retry fixes (an untrusted or
+    mismatched certificate, no common protocol), or ``None``.
+
+    pynetdicom reports a failed handshake like a refused connection; this repeats the handshake
+    alone, only after an association failed, so that a certificate problem fails the delivery
+    at once instead of being retried for hours."""
+    peer = dest.peer()
+    if peer.tls is None:
+        return None
+    try:
+        hostname = peer.server_hostname or dest.host
+        with (
+            socket.create_connection((dest.host, dest.port), timeout=dest.timeout) as raw,
+            peer.tls.wrap_socket(raw, server_hostname=hostname),
+        ):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: the peer's certificate is not trusted ({exc.verify_message})"
+    except ssl.SSLError as exc:
+        if "alert" in str(exc).lower() and "certificate" in str(exc).lower():
+            return "TLS: the peer refused our certificate"
+        return None  # handshake trouble of another kind: treat as transient
+    except OSError:
+        return None  # not reachable: that is the transient failure already reported
+
+
 def store(dest: CStoreDestination, objects: list[StoredObject]) -> list[InstanceOutcome]:
     """C-STORE the objects; one outcome per object (DUPLICATE ones still need an ownership check)."""
     by_path = {obj.path: obj for obj in objects}
@@ -71,12 +101,20 @@ def store(dest: CStoreDestination, objects: list[StoredObject]) -> list[Instance
         DicomFile(obj.path, obj.sop_class_uid, obj.sop_instance_uid, obj.transfer_syntax_uid)
         for obj in objects
     ]
+    sent = send_files(dest.peer(), files)
+    tls = None
+    if dest.tls is not None and any(
+        o.stage == STAGE_ASSOCIATE and o.rejection is None for o in sent
+    ):
+        tls = tls_problem(dest)
     outcomes = []
-    for sent in send_files(dest.peer(), files):
-        verdict, detail = classify_send(sent)
-        status = sent.status if not sent.stage else None
+    for one in sent:
+        verdict, detail = classify_send(one)
+        if tls is not None and one.stage == STAGE_ASSOCIATE and one.rejection is None:
+            verdict, detail = Verdict.PERMANENT, tls
+        status = one.status if not one.stage else None
         outcomes.append(
-            InstanceOutcome(sent.path, by_path[sent.path].sop_instance_uid, verdict, status, detail)
+            InstanceOutcome(one.path, by_path[one.path].sop_instance_uid, verdict, status, detail)
         )
     return outcomes
 

@@ -16,7 +16,7 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
@@ -151,8 +151,12 @@ class CABundleSession(requests.Session):
     With ``verify_tls`` set to a bundle, that bundle must be the one used; with ``True``, the
     environment's bundle (a site's own CA) still applies."""
 
-    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
-        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+    def merge_environment_settings(
+        self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+    ) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(
+            url, proxies, stream, verify, cert
+        )
         if verify is None and isinstance(self.verify, str):
             settings["verify"] = self.verify
         return settings

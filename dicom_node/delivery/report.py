@@ -80,6 +80,7 @@ class DeliveryReport:
         )
         status = shown[0].status
         cls = PermanentDeliveryError if permanent else TransientDeliveryError
-        err = cls(message, status)
-        err.report = self  # type: ignore[attr-defined]  # for in-process callers; not pickled
+        err: DeliveryError = cls(message, status)
+        # For in-process callers (the pipeline, tests); DeliveryError pickles without it.
+        setattr(err, "report", self)  # noqa: B010
         return err

@@ -20,7 +20,7 @@ from dicom_node.delivery.destinations import CStoreDestination, Destination, Sto
 from dicom_node.delivery.objects import load_objects
 from dicom_node.delivery.report import DeliveryReport, InstanceOutcome
 from dicom_node.delivery.status import Verdict
-from dicom_node.errors import TransientDeliveryError
+from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -152,6 +152,9 @@ def echo_destination(destination: Destination) -> float:
         try:
             status = cstore.ping(destination)
         except ConnectionError as exc:
+            problem = cstore.tls_problem(destination) if destination.tls is not None else None
+            if problem:
+                raise PermanentDeliveryError(f"{destination.display}: C-ECHO: {problem}") from None
             raise TransientDeliveryError(f"{destination.display}: C-ECHO: {exc}") from None
         if status != 0:
             raise TransientDeliveryError(

@@ -1,0 +1,308 @@
+"""The dashboard: job list and job pages (server-rendered HTML), previews, retry and cancel.
+
+Pages are rendered with Jinja2 from ``dicom_node/web/templates``; a small script from
+``dicom_node/web/static`` refreshes them from the JSON API without reloading. Everything ships
+in the package (hospital networks have no internet: no CDN). Every route here needs
+credentials; a browser gets an HTTP basic challenge.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit
+
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from sqlalchemy import select
+
+from dicom_node import audit
+from dicom_node import jobs as jobstate
+from dicom_node.api import jobs as job_views
+from dicom_node.api.deps import DatabaseDep, SettingsDep, User
+from dicom_node.state import Job, JobState, Study
+
+router = APIRouter(tags=["dashboard"])
+
+WEB_DIR = Path(__file__).resolve().parent.parent.parent / "web"
+TEMPLATES_DIR = WEB_DIR / "templates"
+STATIC_DIR = WEB_DIR / "static"
+
+LIST_LIMIT = 100
+REFRESH_SECONDS = 5
+"""How often the pages poll the JSON API for changes."""
+
+
+def setup(app: FastAPI) -> None:
+    from fastapi.templating import Jinja2Templates
+
+    templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+    templates.env.filters["seconds"] = _seconds
+    templates.env.filters["when"] = _when
+    templates.env.filters["size"] = _size
+    app.state.templates = templates
+
+
+# -- formatting helpers (shared by the templates) ----------------------------------------------
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def _when(value: str | None) -> str:
+    """ISO timestamp -> 'YYYY-MM-DD HH:MM:SS' (UTC), the format the script also uses."""
+    if not value:
+        return ""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, int):
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value = value / 1024  # type: ignore[assignment]
+    return str(value)
+
+
+def ohif_link(ohif_url: str | None, study_instance_uid: str | None) -> str | None:
+    """``<ohif_url>/viewer?StudyInstanceUIDs=<uid>``, or None without a viewer or a UID."""
+    if not ohif_url or not study_instance_uid:
+        return None
+    return f"{ohif_url.rstrip('/')}/viewer?StudyInstanceUIDs={quote(study_instance_uid, safe='.')}"
+
+
+def _day_start(value: date | None) -> datetime | None:
+    return datetime(value.year, value.month, value.day, tzinfo=UTC) if value else None
+
+
+# -- pages --------------------------------------------------------------------------------------
+
+
+@router.get("/", include_in_schema=False)
+def jobs_page(
+    request: Request,
+    user: User,
+    db: DatabaseDep,
+    state: str | None = None,
+    model: str | None = None,
+    date_from: Annotated[date | None, Query(alias="from")] = None,
+    date_to: Annotated[date | None, Query(alias="to")] = None,
+) -> Response:
+    """The job list with filters (state, model, creation date in UTC)."""
+    until = _day_start(date_to) + timedelta(days=1) if date_to else None
+    with db.session() as s:
+        jobs = job_views.list_jobs(
+            s,
+            state=state or None,
+            model=model or None,
+            since=_day_start(date_from),
+            until=until,
+            limit=LIST_LIMIT,
+        )
+        models = list(s.scalars(select(Job.model).distinct().order_by(Job.model)))
+        receiving = _receiving_studies(s)
+    return request.app.state.templates.TemplateResponse(
+        request,
+        "jobs.html",
+        {
+            "jobs": jobs,
+            "states": [st.value for st in JobState],
+            "models": [m for m in models if m and m != "-"],
+            "filters": {
+                "state": state or "",
+                "model": model or "",
+                "from": date_from.isoformat() if date_from else "",
+                "to": date_to.isoformat() if date_to else "",
+            },
+            "receiving": receiving,
+            "limit": LIST_LIMIT,
+            "refresh_seconds": REFRESH_SECONDS,
+            "user": user,
+        },
+    )
+
+
+def _receiving_studies(s: Any) -> list[dict[str, Any]]:
+    """Studies still in their quiet period (instances arriving, no job yet)."""
+    rows = s.execute(
+        select(
+            Study.study_key, Study.instance_count, Study.first_received_at, Study.last_received_at
+        )
+        .where(Study.dirty.is_(True))
+        .order_by(Study.last_received_at.desc())
+        .limit(20)
+    ).all()
+    return [
+        {
+            "key": key,
+            "instances": count,
+            "first_received_at": first.isoformat() if first else None,
+            "last_received_at": last.isoformat() if last else None,
+        }
+        for key, count, first, last in rows
+    ]
+
+
+@router.get("/jobs/{job_id}", include_in_schema=False)
+def job_page(
+    job_id: str, request: Request, user: User, db: DatabaseDep, settings: SettingsDep
+) -> Response:
+    """One job: timings, findings, outputs with UIDs, deliveries, errors, preview, actions."""
+    with db.session() as s:
+        view = job_views.get_job(s, job_id)
+    if view is None:
+        raise HTTPException(404, "no such job")
+    terminal = JobState(view["state"]).terminal
+    return request.app.state.templates.TemplateResponse(
+        request,
+        "job.html",
+        {
+            "job": view,
+            "findings": (view.get("summary") or {}).get("findings") or [],
+            "ohif": ohif_link(settings.http.ohif_url, view["study"].get("study_instance_uid")),
+            "can_retry": terminal and view["model"] != "-",
+            "can_cancel": not terminal,
+            "refresh_seconds": REFRESH_SECONDS,
+            "user": user,
+        },
+    )
+
+
+@router.get(
+    "/api/studies",
+    tags=["jobs"],
+    summary="Studies being received",
+)
+def studies(user: User, db: DatabaseDep) -> dict[str, Any]:
+    """Studies still in their quiet period (instances arriving, no job yet), newest first."""
+    with db.session() as s:
+        return {"receiving": _receiving_studies(s)}
+
+
+# -- preview ------------------------------------------------------------------------------------
+
+
+@router.get(
+    "/api/jobs/{job_id}/preview.png",
+    tags=["jobs"],
+    summary="Key-slice preview with detections",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"image/png": {}},
+            "description": "The key slice of the first finding (or the middle slice) with the "
+            "detections' boxes, or a placeholder image saying why there is none "
+            "(header X-Preview: placeholder).",
+        },
+        404: {"description": "No such job."},
+    },
+)
+def preview(job_id: str, user: User, db: DatabaseDep, settings: SettingsDep) -> Response:
+    """Render (or take from the cache) the job's preview PNG, server-side."""
+    from dicom_node.preview import job_preview
+
+    result = job_preview(settings, db, job_id)
+    if result is None:
+        raise HTTPException(404, "no such job")
+    headers = {"X-Preview": "placeholder" if result.placeholder else "image"}
+    return Response(result.png, media_type="image/png", headers=headers)
+
+
+# -- actions ------------------------------------------------------------------------------------
+
+
+def _same_origin(request: Request) -> bool:
+    """Refuse cross-site form posts: a browser sends cached basic credentials with them."""
+    if request.headers.get("sec-fetch-site", "") == "cross-site":
+        return False
+    origin = request.headers.get("origin")
+    if origin and origin != "null":
+        return urlsplit(origin).netloc == request.headers.get("host", "")
+    return True
+
+
+def _action(request: Request, user: str, db: Any, job_id: str, action: str) -> Response:
+    if not _same_origin(request):
+        raise HTTPException(403, "cross-site request refused")
+    with db.session() as s:
+        exists = s.get(Job, job_id) is not None
+    if not exists:
+        raise HTTPException(404, "no such job")
+    done = jobstate.retry(db, job_id) if action == "retry" else jobstate.cancel(db, job_id)
+    audit.record(
+        db,
+        audit.HTTP_ACTION,
+        actor=user,
+        outcome="success" if done else "failure",
+        study_key=jobstate.study_key_of(db, job_id),
+        job_id=job_id,
+        action=action,
+    )
+    wants_html = "text/html" in request.headers.get("accept", "")
+    if wants_html:  # a plain form post from the dashboard: back to the job page
+        return RedirectResponse(f"/jobs/{quote(job_id)}", status_code=303)
+    if not done:
+        return JSONResponse(
+            {
+                "id": job_id,
+                "action": action,
+                "applied": False,
+                "detail": f"cannot {action} this job in its state",
+            },
+            status_code=409,
+        )
+    return JSONResponse({"id": job_id, "action": action, "applied": True})
+
+
+@router.post(
+    "/api/jobs/{job_id}/retry",
+    tags=["jobs"],
+    responses={409: {"description": "The job is not finished, or has no model to run."}},
+)
+def retry(job_id: str, request: Request, user: User, db: DatabaseDep) -> Response:
+    """Run a finished (done, failed, skipped, cancelled) job again from the start. Audited."""
+    return _action(request, user, db, job_id, "retry")
+
+
+@router.post(
+    "/api/jobs/{job_id}/cancel",
+    tags=["jobs"],
+    responses={409: {"description": "The job has already finished."}},
+)
+def cancel(job_id: str, request: Request, user: User, db: DatabaseDep) -> Response:
+    """Cancel a job that has not finished; a running attempt stops at its next lease
+    renewal. Audited."""
+    return _action(request, user, db, job_id, "cancel")
+
+
+# -- static assets ------------------------------------------------------------------------------
+
+
+@router.get("/static/{name}", include_in_schema=False)
+def static(name: str, user: User) -> Response:
+    """Files of ``dicom_node/web/static`` (flat; served behind credentials like the rest)."""
+    path = (STATIC_DIR / name).resolve()
+    if path.parent != STATIC_DIR.resolve() or not path.is_file():
+        raise HTTPException(404, "not found")
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(
+        path, media_type=media_type, headers={"Cache-Control": "private, max-age=300"}
+    )
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+def favicon(user: User) -> Response:
+    return Response(status_code=204)

@@ -1,0 +1,384 @@
+"""Job previews: the key slice of a job's input as a PNG, with the detections' boxes drawn.
+
+Rendered on the edge with pydicom, numpy and Pillow only (no torch, highdicom or ``workers``),
+from the spooled source instances. The slice is chosen the way the worker's volume loader
+numbers them (``workers.volume``: slices sorted by position along the slice normal, localizers
+and stray orientations left out), so a finding's ``key_slice`` and ``bbox_2d`` from the job
+summary land on the image the model saw.
+
+When the preview cannot be drawn (inputs no longer spooled, a compressed transfer syntax no
+installed pydicom plug-in decodes, a job without image input), a placeholder image says why.
+Rendered previews are cached under ``<data_dir>/previews``, keyed by the job's summary and the
+checksums of its input instances, so a re-run job or a changed input draws a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicom_node.settings import Settings
+from dicom_node.spool import Spool
+from dicom_node.state import Database, Instance, Job, Series, Study
+
+LOGGER = logging.getLogger(__name__)
+
+PREVIEW_VERSION = 1
+"""Bump when the rendering changes, so cached previews are drawn again."""
+
+LUNG_WINDOW = (1500.0, -600.0)
+"""(width, level) in HU for CT: the lung window radiologists read nodules in."""
+
+OUTPUT_SIZE = 512
+"""Longer side of the preview in pixels (small inputs are enlarged without smoothing)."""
+
+BOX_COLOUR = (255, 48, 48)
+"""Detection boxes: a saturated red that no windowed greyscale pixel can have."""
+TEXT_COLOUR = (255, 220, 80)
+PLACEHOLDER_BACKGROUND = (64, 64, 64)
+PLACEHOLDER_TEXT = (230, 230, 230)
+
+_LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SURVIEW"})
+_NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "REG", "DOC"})
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A rendered preview. ``placeholder`` is True when it only explains why there is none."""
+
+    png: bytes
+    placeholder: bool = False
+    reason: str | None = None
+    slice_index: int | None = None
+    boxes: int = 0
+
+
+class PreviewUnavailable(Exception):
+    """The preview cannot be drawn; the message (patient-free) goes on the placeholder."""
+
+
+@dataclass(frozen=True)
+class _Frame:
+    path: Path
+    frame: int | None
+    """0-based frame index for multi-frame instances, None for single-frame."""
+    offset: float
+    sop_instance_uid: str
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def job_preview(settings: Settings, db: Database, job_id: str) -> Preview | None:
+    """The preview of a job (cached), a placeholder saying why there is none, or None when the
+    job does not exist."""
+    from sqlalchemy import select
+
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return None
+        study = s.get(Study, job.study_id)
+        summary = dict(job.summary or {})
+        series_uid = summary.get("series_instance_uid") or next(iter(job.series_uids or []), None)
+        rows = []
+        if study is not None and series_uid:
+            rows = s.execute(
+                select(Instance.path, Instance.sha256, Instance.sop_instance_uid)
+                .join(Series, Series.id == Instance.series_id)
+                .where(Instance.study_id == study.id, Series.series_instance_uid == series_uid)
+                .order_by(Instance.id)
+            ).all()
+        job_key = job.id
+    if not rows:
+        return placeholder("no image series recorded for this job")
+
+    cache_dir = settings.data_dir / "previews"
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "v": PREVIEW_VERSION,
+                "findings": summary.get("findings") or [],
+                "inputs": sorted(r.sha256 for r in rows),
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()[:20]
+    # The job id is a UUID from our own database (never a DICOM UID): safe as a file name.
+    cached = cache_dir / f"{job_key}-{digest}.png"
+    if cached.is_file():
+        return Preview(cached.read_bytes())
+
+    spool = Spool(settings.spool_dir)
+    try:
+        paths = [spool.path(r.path) for r in rows]
+        preview = render_preview(paths, summary.get("findings") or [])
+    except PreviewUnavailable as exc:
+        return placeholder(str(exc))
+    _store(cache_dir, job_key, cached, preview.png)
+    return preview
+
+
+def _store(cache_dir: Path, job_key: str, target: Path, data: bytes) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for old in cache_dir.glob(f"{job_key}-*.png"):
+            old.unlink(missing_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.part")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    except OSError as exc:  # a full disk costs the cache, not the page
+        LOGGER.warning("preview cache not written: %s", exc.strerror)
+
+
+# -- rendering ----------------------------------------------------------------------------------
+
+
+def render_preview(paths: list[Path], findings: list[dict[str, Any]]) -> Preview:
+    """Draw the key slice of the first finding (or the middle slice) of one series' instances.
+
+    ``findings`` are job summary entries with ``key_slice`` (index along the slice normal) and
+    ``bbox_2d`` (col_min, row_min, col_max, row_max in pixels on that slice).
+    """
+    frames = order_frames(paths)
+    if not frames:
+        raise PreviewUnavailable("the series has no cross-sectional images")
+    index = len(frames) // 2
+    if findings:
+        key = findings[0].get("key_slice")
+        if isinstance(key, int) and 0 <= key < len(frames):
+            index = key
+    frame = frames[index]
+    image, modality = _decode(frame)
+    rgb, scale = _to_rgb(image, modality)
+    boxes = [f for f in findings if f.get("key_slice") == index and f.get("bbox_2d")]
+    _draw_boxes(rgb, boxes, scale)
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", optimize=False)
+    return Preview(buf.getvalue(), slice_index=index, boxes=len(boxes))
+
+
+def order_frames(paths: list[Path]) -> list[_Frame]:
+    """Image frames of one series in the worker's slice order (position along the normal)."""
+    import pydicom
+
+    frames: list[tuple[_Frame, tuple[float, ...]]] = []
+    missing = 0
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except FileNotFoundError:
+            missing += 1
+            continue
+        except Exception as exc:
+            raise PreviewUnavailable(
+                f"a source instance cannot be read ({type(exc).__name__})"
+            ) from None
+        if str(ds.get("Modality", "")).upper() in _NON_IMAGE_MODALITIES or "Rows" not in ds:
+            continue
+        if _is_localizer(ds.get("ImageType")):
+            continue
+        frames.extend(_frames_of(ds, path))
+    if missing and not frames:
+        raise PreviewUnavailable("the source instances are no longer in the spool")
+    if missing:
+        raise PreviewUnavailable(f"{missing} source instance(s) are no longer in the spool")
+    if not frames:
+        return []
+    # The dominant orientation only (a stray reformat in the series is left out, as the loader does).
+    common = Counter(o for _, o in frames).most_common(1)[0][0]
+    kept = [f for f, o in frames if o == common]
+    kept.sort(key=lambda f: f.offset)
+    out: list[_Frame] = []
+    for f in kept:
+        if (
+            out
+            and abs(f.offset - out[-1].offset) < 1e-3
+            and f.sop_instance_uid == out[-1].sop_instance_uid
+        ):
+            continue  # the same image twice
+        out.append(f)
+    return out
+
+
+def _is_localizer(image_type: Any) -> bool:
+    values = [image_type] if isinstance(image_type, str) else list(image_type or [])
+    return any(str(v).upper() in _LOCALIZER_TYPES for v in values)
+
+
+def _normal(orientation: list[float]) -> np.ndarray:
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float)
+    n = np.cross(row, col)
+    norm = np.linalg.norm(n)
+    return n / norm if norm else np.array([0.0, 0.0, 1.0])
+
+
+def _frames_of(ds: Any, path: Path) -> list[tuple[_Frame, tuple[float, ...]]]:
+    uid = str(ds.get("SOPInstanceUID", ""))
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if count <= 1 and "ImagePositionPatient" in ds:
+        iop = [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+        offset = float(np.asarray([float(v) for v in ds.ImagePositionPatient]) @ _normal(iop))
+        return [(_Frame(path, None, offset, uid), tuple(np.round(iop, 3)))]
+    shared = _first(ds.get("SharedFunctionalGroupsSequence"))
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    out = []
+    for i in range(count):
+        fg = per_frame[i] if i < len(per_frame) else None
+        ipp = _group_value(fg, shared, "PlanePositionSequence", "ImagePositionPatient")
+        iop = _group_value(fg, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        iop = [float(v) for v in iop] if iop is not None else [1, 0, 0, 0, 1, 0]
+        offset = (
+            float(np.asarray([float(v) for v in ipp]) @ _normal(iop))
+            if ipp is not None
+            else float(i)
+        )
+        out.append((_Frame(path, i if count > 1 else None, offset, uid), tuple(np.round(iop, 3))))
+    return out
+
+
+def _first(seq: Any) -> Any:
+    return seq[0] if seq else None
+
+
+def _group_value(per_frame: Any, shared: Any, sequence: str, attr: str) -> Any:
+    for group in (per_frame, shared):
+        item = _first(group.get(sequence)) if group is not None else None
+        if item is not None and attr in item:
+            return item.get(attr)
+    return None
+
+
+def _decode(frame: _Frame) -> tuple[np.ndarray, str]:
+    """Stored values of one frame, rescaled (HU for CT), and the modality."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    try:
+        ds = pydicom.dcmread(frame.path, stop_before_pixels=True)
+    except Exception as exc:
+        raise PreviewUnavailable(
+            f"the source instance cannot be read ({type(exc).__name__})"
+        ) from None
+    try:
+        pixels = pixel_array(frame.path, index=frame.frame)
+    except Exception as exc:
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        name = getattr(ts, "name", None) or str(ts or "unknown")
+        LOGGER.info("preview: pixel data not decodable (%s): %s", name, type(exc).__name__)
+        raise PreviewUnavailable(
+            f"pixel data in {name} cannot be decoded on this node (no pydicom plug-in for it)"
+        ) from None
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
+        return pixels[..., :3].astype(np.float32), "RGB"
+    if pixels.ndim != 2:
+        raise PreviewUnavailable("only single-sample or RGB images can be previewed")
+    slope, intercept = _rescale(ds, frame.frame)
+    image = pixels.astype(np.float32) * slope + intercept
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        image = image.max() + image.min() - image
+    return image, str(ds.get("Modality", "")).upper()
+
+
+def _rescale(ds: Any, frame: int | None) -> tuple[float, float]:
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    shared = _first(ds.get("SharedFunctionalGroupsSequence"))
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    fg = per_frame[frame] if frame is not None and frame < len(per_frame) else None
+    slope = _group_value(fg, shared, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _group_value(fg, shared, "PixelValueTransformationSequence", "RescaleIntercept")
+    return float(slope if slope is not None else 1), float(
+        intercept if intercept is not None else 0
+    )
+
+
+def _to_rgb(image: np.ndarray, modality: str) -> tuple[Any, float]:
+    from PIL import Image
+
+    if modality == "RGB":
+        low, high = float(image.min()), float(image.max())
+        grey = None
+        data = np.clip((image - low) / max(high - low, 1e-6) * 255.0, 0, 255).astype(np.uint8)
+        img = Image.fromarray(data, mode="RGB")
+    else:
+        if modality == "CT":
+            width, level = LUNG_WINDOW
+            low, high = level - width / 2, level + width / 2
+        else:
+            low, high = (float(v) for v in np.percentile(image, [1.0, 99.0]))
+        grey = np.clip((image - low) / max(high - low, 1e-6) * 255.0, 0, 255).astype(np.uint8)
+        img = Image.fromarray(grey, mode="L").convert("RGB")
+    rows, cols = image.shape[:2]
+    scale = OUTPUT_SIZE / max(rows, cols)
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+    return img.resize(size, resample), scale
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _draw_boxes(img: Any, findings: list[dict[str, Any]], scale: float) -> None:
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(img)
+    width = max(2, round(OUTPUT_SIZE / 170))
+    font = _font(14)
+    for f in findings:
+        c0, r0, c1, r1 = (float(v) for v in f["bbox_2d"])
+        # bbox_2d is in pixel indices, inclusive: the box encloses pixels c0..c1, r0..r1.
+        box = (c0 * scale, r0 * scale, (c1 + 1) * scale - 1, (r1 + 1) * scale - 1)
+        draw.rectangle(box, outline=BOX_COLOUR, width=width)
+        label = str(f.get("label") or "finding")
+        conf = f.get("confidence")
+        text = f"{label} {conf:.2f}" if isinstance(conf, int | float) else label
+        y = box[1] - 18 if box[1] >= 18 else box[3] + 4
+        draw.text((box[0], y), text, fill=TEXT_COLOUR, font=font)
+
+
+def placeholder(reason: str) -> Preview:
+    """A grey image that says why there is no preview (patient-free ``reason``)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (OUTPUT_SIZE, OUTPUT_SIZE // 2), PLACEHOLDER_BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    draw.text((24, 24), "No preview", fill=PLACEHOLDER_TEXT, font=_font(28))
+    y = 80
+    for line in _wrap(reason, 52):
+        draw.text((24, y), line, fill=PLACEHOLDER_TEXT, font=_font(16))
+        y += 24
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return Preview(buf.getvalue(), placeholder=True, reason=reason)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        lines.append(line)
+    return lines[: max(1, math.floor(200 / 24))]

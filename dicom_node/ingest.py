@@ -108,6 +108,9 @@ class Ingestor:
             self._insert(instances)
             .values({name: bindparam(name, type_=instances.c[name].type) for name in columns})
             .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            # RETURNING tells whether a row was inserted: psycopg reports rowcount -1 for
+            # INSERT ... ON CONFLICT DO NOTHING, which would make every duplicate look new.
+            .returning(instances.c.id)
         )
         self._sql_count_series = (
             update(series)
@@ -296,9 +299,13 @@ class Ingestor:
                         placed = True
                     # One statement both checks for a duplicate and inserts: the unique SOP
                     # Instance UID decides, also between receiver processes.
-                    inserted = conn.execute(
-                        self._sql_insert_instance, {**row, "series_id": series_id, "study_id": study_id}
-                    ).rowcount
+                    inserted = (
+                        conn.execute(
+                            self._sql_insert_instance,
+                            {**row, "series_id": series_id, "study_id": study_id},
+                        ).first()
+                        is not None
+                    )
                     if inserted:
                         conn.execute(self._sql_count_series, {"b_series": series_id})
                         conn.execute(self._sql_count_study, {"b_study": study_id, "b_size": size, "b_now": now})
@@ -424,10 +431,14 @@ class Ingestor:
                 source=source,
             )
             .on_conflict_do_nothing(index_elements=["study_instance_uid"])
-        ).rowcount
-        row = conn.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one()
+            .returning(Study.__table__.c.id)  # not rowcount: psycopg reports -1 here
+        ).first()
+        if created is not None:
+            row = created[0]
+        else:
+            row = conn.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one()
         remember[uid] = (row, study_key)  # cached once the transaction commits
-        return row, bool(created)
+        return row, created is not None
 
     def _series_id(
         self,

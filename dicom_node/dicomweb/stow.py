@@ -236,15 +236,14 @@ class StowSession:
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
         assert part is not None
+        before = part.size
         part.size += end - start
         if part.refused is not None or part.fd is None:
             return
         if part.size > self.max_part_bytes:
-            # Keep what we have (the header is there) to name the instance, write no more.
+            # Write up to the cap (the header is in there, to name the instance), then no more.
             part.too_large = True
-            os.close(part.fd)
-            part.fd = None
-            return
+            end = start + max(0, self.max_part_bytes - before)
         view = memoryview(data)[start:end]
         try:
             while view:
@@ -253,6 +252,10 @@ class StowSession:
             os.close(part.fd)
             part.fd = None
             part.refused = PartOutcome(STATUS_OUT_OF_RESOURCES, f"storage error: {exc.strerror}")
+            return
+        if part.too_large:
+            os.close(part.fd)
+            part.fd = None
 
     def _on_part_end(self) -> None:
         part = self._part

@@ -185,7 +185,9 @@ class DicomwebProxy:
     * ``"drop-response"``: forward to Orthanc (which stores), then close without answering;
     * ``"conflict"``: answer 409 with a FailedSOPSequence (reason 45070, "already stored")
       without forwarding, like Microsoft's DICOM service does for an existing instance;
-    * an HTTP status such as ``503`` or ``429``: answer it without forwarding.
+    * an HTTP status such as ``503`` or ``429``: answer it without forwarding;
+    * ``("partial", reason)``: forward only the first instance, and answer 202 with the others in
+      the FailedSOPSequence with that FailureReason (e.g. 0xA700, a full disk; PS3.18 10.5.3).
     """
 
     def __init__(
@@ -199,7 +201,7 @@ class DicomwebProxy:
         self.bearer_token = bearer_token
         self.tls = tls
         self.port = free_port()
-        self.stow_faults: list[str | int] = []
+        self.stow_faults: list[str | int | tuple[str, int]] = []
         self.seen: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
@@ -257,7 +259,7 @@ class DicomwebProxy:
                 extra={"WWW-Authenticate": 'Bearer realm="dicom-web"'},
             )
             return
-        fault: str | int | None = None
+        fault: str | int | tuple[str, int] | None = None
         if method == "POST" and h.path.rstrip("/").endswith("/studies"):
             with self.lock:
                 fault = self.stow_faults.pop(0) if self.stow_faults else None
@@ -273,6 +275,9 @@ class DicomwebProxy:
             )
             return
         headers = {k: v for k, v in h.headers.items() if k.lower() in ("content-type", "accept")}
+        if isinstance(fault, tuple):
+            self._partial(h, headers, body, fault[1])
+            return
         upstream = requests.request(
             method,
             self.upstream.url + h.path,
@@ -288,6 +293,34 @@ class DicomwebProxy:
         self._answer(
             h, upstream.status_code, upstream.content, upstream.headers.get("Content-Type", "")
         )
+
+    def _partial(
+        self, h: BaseHTTPRequestHandler, headers: dict[str, str], body: bytes, reason: int
+    ) -> None:
+        ctype = headers.get("Content-Type", "")
+        boundary = b"--" + re.search(r'boundary="?([^";]+)"?', ctype).group(1).encode()  # type: ignore[union-attr]
+        parts = body.split(boundary)
+        first_only = boundary.join([parts[0], parts[1], b"--\r\n"])
+        upstream = requests.post(
+            self.upstream.url + h.path,
+            data=first_only,
+            headers=headers,
+            auth=self.upstream.auth,
+            timeout=60,
+        )
+        answer = upstream.json()
+        answer["00081198"] = {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00081150": {"vr": "UI", "Value": [str(ds.SOPClassUID)]},
+                    "00081155": {"vr": "UI", "Value": [str(ds.SOPInstanceUID)]},
+                    "00081197": {"vr": "US", "Value": [reason]},
+                }
+                for ds in multipart_instances(ctype, body)[1:]
+            ],
+        }
+        self._answer(h, 202, json.dumps(answer).encode(), "application/dicom+json")
 
     @staticmethod
     def _answer(

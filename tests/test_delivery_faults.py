@@ -5,6 +5,7 @@ one copy of each object."""
 
 from __future__ import annotations
 
+import pickle
 import random
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from dicom_node.delivery import (
     Verdict,
     backoff_ceiling,
     build_destination,
+    classify_http,
+    classify_status,
     deliver,
     deliver_with_retry,
     next_delay,
@@ -89,8 +92,8 @@ def test_retry_gives_up_after_max_attempts_and_never_retries_permanent_errors(
 STORESCP_FAULTS = [
     # flags, what our timeout is, what the error must say
     (["--refuse"], 10.0, "association rejected-permanent: no reason given"),
-    (["--abort-after"], 10.0, "no response"),
-    (["--abort-during"], 10.0, "no response"),
+    (["--abort-after"], 3.0, "no response"),  # pynetdicom waits out the DIMSE timeout
+    (["--abort-during"], 3.0, "no response"),
     (["--sleep-after", "5"], 1.5, "no response"),  # answers, then sleeps past our DIMSE timeout
 ]
 
@@ -200,6 +203,7 @@ def own_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         aet="OWNPACS",
         extra={
             "OverwriteInstances": False,
+            "DicomCheckCalledAet": True,
             "DicomModalities": {
                 "ainode": {"AET": NODE_AET, "Host": "127.0.0.1", "Port": free_port()}
             },
@@ -281,3 +285,84 @@ def test_read_back_catches_a_pacs_that_silently_kept_another_object(
         with pytest.raises(PermanentDeliveryError, match="differs in Manufacturer"):
             deliver(dest, results, verify=True)
     assert orthanc_file(own_orthanc, theirs) == theirs.read_bytes()  # theirs, untouched
+
+
+@pytest.mark.parametrize(
+    ("reason", "error", "text"),
+    [
+        (0xA700, TransientDeliveryError, "0xA700 Out of resources"),
+        (0xC000, PermanentDeliveryError, "0xC000 Cannot understand"),
+        (0xA900, PermanentDeliveryError, "0xA900"),
+        (0x0110, PermanentDeliveryError, "0x0110 Processing failure"),
+    ],
+)
+def test_partly_stored_answer_is_judged_per_instance(
+    proxy: DicomwebProxy,
+    clean_orthanc: Orthanc,
+    results: list[Path],
+    reason: int,
+    error: type,
+    text: str,
+) -> None:
+    # 202: the SEG was stored, the SR failed with ``reason`` (research D4).
+    proxy.stow_faults.append(("partial", reason))
+    with pytest.raises(error, match=text) as err:
+        deliver(destination(proxy.url), results)
+    report = err.value.report
+    assert [o.verdict for o in report.outcomes] == [
+        Verdict.STORED,
+        Verdict.TRANSIENT if error is TransientDeliveryError else Verdict.PERMANENT,
+    ]
+    assert len(clean_orthanc.get("/instances").json()) == 1
+
+    if error is TransientDeliveryError:  # the retry resends both; still one copy of each
+        assert deliver(destination(proxy.url), results, verify=True).verified
+        assert orthanc_copies(clean_orthanc, results) == {sop_uid_of(p): 1 for p in results}
+
+
+def test_wrong_called_ae_title_is_permanent(own_orthanc: Orthanc, results: list[Path]) -> None:
+    # Orthanc with DicomCheckCalledAet rejects "called AE title not recognised": a configuration
+    # error on our side that no retry fixes.
+    dest = destination(f"dicom://NOT-ORTHANC@127.0.0.1:{own_orthanc.dicom_port}")
+    with pytest.raises(PermanentDeliveryError, match="called AE title not recognised") as err:
+        deliver(dest, results)
+    # Errors travel between processes (Celery): the class and message survive pickling.
+    copy = pickle.loads(pickle.dumps(err.value))
+    assert type(copy) is PermanentDeliveryError and str(copy) == str(err.value)
+
+
+STATUS_TABLE = [
+    (0x0000, Verdict.STORED),
+    (0xB000, Verdict.WARNING),
+    (0xB006, Verdict.WARNING),
+    (0xB007, Verdict.WARNING),
+    (0x0111, Verdict.DUPLICATE),
+    (45070, Verdict.DUPLICATE),
+    (0xA700, Verdict.TRANSIENT),
+    (0xA7FF, Verdict.TRANSIENT),
+    (0x0213, Verdict.TRANSIENT),
+    (0xA900, Verdict.PERMANENT),
+    (0xA9FF, Verdict.PERMANENT),
+    (0xC000, Verdict.PERMANENT),
+    (0xC211, Verdict.PERMANENT),
+    (0x0110, Verdict.PERMANENT),
+    (0x0122, Verdict.PERMANENT),
+    (0x0124, Verdict.PERMANENT),
+]
+
+
+@pytest.mark.parametrize(
+    ("code", "verdict"), STATUS_TABLE, ids=[f"{c:04X}" for c, _ in STATUS_TABLE]
+)
+def test_dimse_and_stow_reason_codes_are_classified_as_specified(
+    code: int, verdict: Verdict
+) -> None:
+    assert classify_status(code) is verdict
+
+
+def test_http_codes_are_classified_as_specified() -> None:
+    transient = [408, 429, 500, 502, 503, 504, 507]
+    permanent = [301, 400, 401, 403, 404, 405, 406, 410, 411, 413, 415, 501, 505]
+    assert all(classify_http(c) is Verdict.TRANSIENT for c in transient)
+    assert all(classify_http(c) is Verdict.PERMANENT for c in permanent)
+    assert classify_http(409) is Verdict.DUPLICATE  # checked against the stored object

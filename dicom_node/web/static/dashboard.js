@@ -99,12 +99,17 @@
     ]);
   }
 
+  let listRequest = 0;
+
   async function refreshList() {
+    // A slow answer for an older filter must not overwrite a newer one.
+    const mine = ++listRequest;
     try {
       const [data, studies] = await Promise.all([
         getJSON("/api/jobs?" + apiQuery(filters).toString()),
         getJSON("/api/studies"),
       ]);
+      if (mine !== listRequest) return;
       const body = table.tBodies[0];
       const rows = data.jobs.map(jobRow);
       if (rows.length === 0) {

@@ -213,3 +213,31 @@ def test_echo_destination_checks_credentials(clean_orthanc: Orthanc) -> None:
     assert echo_destination(stow_to(clean_orthanc.dicomweb_url_with_credentials)) < 30
     with pytest.raises(PermanentDeliveryError, match="401"):
         echo_destination(stow_to(clean_orthanc.dicomweb_url))  # no credentials at all
+
+
+def test_destinations_from_settings(make_settings) -> None:  # type: ignore[no-untyped-def]
+    from dicom_node.delivery import CStoreDestination, destinations_from_settings
+
+    settings = make_settings(
+        ae_title="MYNODE",
+        destination="https://ai%40site:p%40ss%3Aword@pacs.example:8443/dicom-web/",
+        destinations={
+            "archive": {"url": "dicom://ARCHIVE@10.0.0.5:104", "read_back": True, "timeout": 7}
+        },
+    )
+    built = destinations_from_settings(settings)
+
+    stow, archive = built["default"], built["archive"]
+    assert isinstance(stow, StowDestination) and isinstance(archive, CStoreDestination)
+    assert (
+        stow.base_url == "https://pacs.example:8443/dicom-web"
+    )  # no credentials, no trailing slash
+    assert stow.username == "ai@site" and stow.password is not None
+    assert stow.password.get_secret_value() == "p@ss:word"
+    assert "p@ss" not in repr(stow) and "p%40ss" not in stow.display
+    assert (archive.ae_title, archive.host, archive.port) == ("ARCHIVE", "10.0.0.5", 104)
+    assert (
+        archive.calling_ae_title == "MYNODE"
+        and archive.read_back
+        and archive.peer().dimse_timeout == 7
+    )

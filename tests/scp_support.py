@@ -173,3 +173,36 @@ def store_files(
 
 def read_stored(path: Path) -> Dataset:
     return dcmread(path, stop_before_pixels=True)
+
+
+@contextmanager
+def running_receiver(settings: Any) -> Iterator[Any]:
+    """An in-process storage SCP with the given settings (like the ``receiver`` fixture)."""
+    from dicom_node.scp.server import Receiver
+    from dicom_node.state import open_database
+
+    db = open_database(settings.resolved_database_url)
+    rcv = Receiver(settings, db, reuse_port=False)
+    rcv.start()
+    try:
+        yield rcv
+    finally:
+        rcv.stop(grace=2)
+        db.dispose()
+
+
+def associate(port: int, *, calling: str = "TESTSCU", called: str = "AINODE") -> Any:
+    """A pynetdicom association proposing Verification and CT Image Storage."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def rejection(assoc: Any) -> tuple[int, int, int] | None:
+    """(result, source, diagnostic) of an A-ASSOCIATE-RJ, or None when not rejected."""
+    if not assoc.is_rejected:
+        return None
+    rsp = assoc.acceptor.primitive
+    return int(rsp.result), int(rsp.result_source), int(rsp.diagnostic)

@@ -92,7 +92,11 @@ def handle_requested(event: Event, receiver: Receiver) -> None:
         return
     LOGGER.warning("association from %s rejected: calling AE title not allowed", audit.clean(host))
     event.assoc.acse.send_reject(*REJECT_CALLING_AE)
+    # send_reject only queues the A-ASSOCIATE-RJ; pynetdicom closes the socket as soon as this
+    # handler returns, which raced the DUL thread and the peer saw an abort instead of the
+    # rejection. Wait, as pynetdicom's own rejections do, until the DUL has sent it.
     receiver.observe_association("rejected")
+    event.assoc.kill()
     audit.record(
         receiver.db,
         audit.ASSOCIATION_REJECTED,

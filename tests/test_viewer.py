@@ -218,8 +218,9 @@ def test_ohif_shows_seg_overlay_and_sr_measurement_on_the_key_slice(
     for k, name in ((key, "3-seg-key-slice"), (side, "4-seg-other-slice"), (far, "5-seg-far-slice"), (key, "6-seg-key-again")):
         _show_slice(browser, volume.slices[k].sop_instance_uid)
         jj_k, ii_k = np.nonzero(finding.mask[k])
-        canvas = browser.call("box", selector=".cornerstone-canvas, canvas")
+        canvas = browser.eval(f"(() => {{ const r = {VIEWPORT}.canvas.getBoundingClientRect(); return {{x: r.left, y: r.top, width: r.width, height: r.height}}; }})()")
         x0, y0 = int(canvas["x"]), int(canvas["y"])
+        assert canvas["width"] > 300 and canvas["height"] > 300
         if len(jj_k):
             inside_px = _to_screen(browser, world_at(k, np.stack([ii_k + 0.5, jj_k + 0.5], 1)))
             ring_k = inside_px.mean(axis=0) + radius * np.stack([np.cos(angles), np.sin(angles)], 1)

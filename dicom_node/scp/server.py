@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import tempfile
 import threading
 import time
@@ -22,9 +21,10 @@ from dicom_node.ingest import Ingestor
 from dicom_node.scp import incoming
 from dicom_node.scp.contexts import storage_contexts, verification_context
 from dicom_node.scp.handlers import bindings
-from dicom_node.settings import Settings, TlsSettings
+from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from dicom_node.state import Database
+from dicom_node.tls import server_ssl_context
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,15 +46,6 @@ def configure_pynetdicom(settings: Settings, spool: Spool) -> None:
     # an oversized dataset becomes A700 instead of aborting the association.
     incoming.install(settings.scp.max_instance_bytes)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
-def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
-    """TLS for the listener: BCP 195 non-downgrading (TLS >= 1.2), client certificates required."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca_certificates))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_peer_certificate else ssl.CERT_OPTIONAL
-    return ctx
 
 
 class NodeAssociationServer(ThreadedAssociationServer):

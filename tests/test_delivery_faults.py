@@ -244,8 +244,8 @@ def test_orthanc_down_during_delivery_then_back(own_orthanc: Orthanc, tmp_path: 
             reports[name] = exc
 
     threads = [
-        threading.Thread(target=run, args=("stow", stow, via_stow)),
-        threading.Thread(target=run, args=("cstore", cstore, via_cstore)),
+        threading.Thread(target=run, args=("stow", stow, via_stow), daemon=True),
+        threading.Thread(target=run, args=("cstore", cstore, via_cstore), daemon=True),
     ]
     for t in threads:
         t.start()

@@ -155,3 +155,53 @@ def test_seg_names_the_model_and_node(ct) -> None:
     assert (ds.ContentDate, ds.ContentTime, ds.SeriesDate, ds.InstanceCreationDate) == (
         "20261129", "101530", "20261129", "20261129"
     )
+
+
+def test_seg_and_sr_on_a_multiframe_source(tmp_path: Path) -> None:
+    """An enhanced (multi-frame) CT: SEG frames and the SR box reference source *frames*."""
+    import pydicom
+
+    paths = dicomgen.ct_series(tmp_path / "ct", slices=8, size=64)
+    legacy = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in paths],
+        series_instance_uid=hd.UID(), series_number=3, sop_instance_uid=hd.UID(), instance_number=1,
+    )
+    legacy.save_as(tmp_path / "enhanced.dcm")
+    volume = load_volume([tmp_path / "enhanced.dcm"])
+    frames = [s.frame_number for s in volume.slices]
+    assert None not in frames and len({s.sop_instance_uid for s in volume.slices}) == 1
+    finding = sphere_finding(volume, (3, 32, 32), 3.0)
+    objects = _by_kind(encode_results(volume, detection(volume, [finding]), job_for(volume)))
+    for obj in objects.values():
+        assert dciodvfy_errors(obj.data) == [], obj.kind
+
+    seg = hd.seg.segread(io.BytesIO(objects[KIND_SEG].data))
+    got = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=volume.slices[0].sop_instance_uid,
+        source_frame_numbers=frames,
+        assert_missing_frames_are_empty=True,
+    )
+    assert np.array_equal(got[..., 0].astype(bool), finding.mask)
+    sr = hd.sr.srread(io.BytesIO(objects[KIND_SR].data))
+    ref = sr.content.get_planar_roi_measurement_groups()[0].roi.ContentSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == volume.slices[0].sop_instance_uid
+    assert int(ref.ReferencedFrameNumber) == frames[finding.key_slice]
+
+
+def test_patient_identity_and_character_set_carry_over(tmp_path: Path) -> None:
+    import pydicom
+
+    paths = dicomgen.ct_series(tmp_path / "ct", slices=6, size=64)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "Müller^Jürgen"
+        ds.save_as(p)
+    volume = load_volume(paths)
+    objects = encode_results(volume, detection(volume, [sphere_finding(volume, (3, 32, 32), 3.0)]), job_for(volume))
+    for obj in objects:
+        ds = read(obj.data)
+        assert (ds.SpecificCharacterSet, str(ds.PatientName), ds.PatientID) == (
+            "ISO_IR 192", "Müller^Jürgen", dicomgen.CANARY_ID
+        )
+        assert dciodvfy_errors(obj.data) == [], obj.kind

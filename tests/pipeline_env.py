@@ -61,6 +61,7 @@ class NodeEnv:
     ) -> None:
         self.tmp = tmp
         self.database_url = database_url
+        tmp.mkdir(parents=True, exist_ok=True)
         self.config = tmp / "node.toml"
         self.config.write_text(config_text if config_text is not None else DEFAULT_CONFIG.format(seconds=detector_seconds))
         env = {

@@ -166,7 +166,8 @@ class Spool:
 
     @staticmethod
     def discard(temp: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        """Remove a temporary file if it exists; never raises (it runs on error paths)."""
+        with contextlib.suppress(OSError):
             os.unlink(temp)
 
     def sweep_temp(self, older_than: float = 0.0) -> int:

@@ -134,7 +134,9 @@ class IncomingDataset:
         if fh is not None:
             with contextlib.suppress(OSError):
                 fh.close()  # type: ignore[attr-defined]
-        with contextlib.suppress(FileNotFoundError):
+        # Not just FileNotFoundError: when the temporary area itself is broken (ENOTDIR,
+        # EIO...) nothing was written, and write() must never raise into pynetdicom.
+        with contextlib.suppress(OSError):
             os.unlink(self.name)
 
 

@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -37,7 +38,7 @@ import yaml
 
 from dicom_node.api.auth import check_exposure
 from dicom_node.settings import ENV_PREFIX, Settings, load_settings, parse_destination_url
-from tests.peers import NodeProcess, Orthanc, free_port, stop_process, wait_until
+from tests.peers import NodeProcess, Orthanc, free_port, port_open, stop_process, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -366,6 +367,124 @@ def test_viewer_is_wired_to_orthanc_and_the_node(
     assert "server orthanc:8042;" in conf and "server node:8080;" in conf
     node_env = compose["services"]["node"]["environment"]
     assert node_env["DICOM_NODE_HTTP__OHIF_URL"] == env["OHIF_PUBLIC_URL"]
+
+
+# ------------------------------------------------------- Redis and worker healthchecks, for real
+
+
+def _healthcheck_shell(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    return str(test[1]).replace("$$", "$")
+
+
+@pytest.fixture
+def compose_redis(tmp_path: Path, compose: dict[str, Any]) -> Iterator[int]:
+    """redis-server started with the compose service's own options, on a loopback port."""
+    command = compose["services"]["redis"]["command"]
+    port = free_port()
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    proc = subprocess.Popen(
+        [
+            _tool("redis-server"),
+            *command[1:],
+            *("--bind", "127.0.0.1", "--port", str(port)),
+            *("--dir", str(workdir), "--logfile", str(workdir / "redis.log")),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open(port), 15, 0.05, message="redis-server")
+        yield port
+    finally:
+        stop_process(proc, timeout=10)
+
+
+def test_redis_runs_with_the_compose_options(
+    compose: dict[str, Any], env: dict[str, str], compose_redis: int
+) -> None:
+    port = compose_redis
+    password = env["REDIS_PASSWORD"]
+    base = {"PATH": os.environ.get("PATH", "")}
+
+    def cli(*args: str, auth: str | None = password) -> subprocess.CompletedProcess[str]:
+        extra = {"REDISCLI_AUTH": auth} if auth else {}
+        return subprocess.run(
+            [_tool("redis-cli"), "-p", str(port), *args],
+            env={**base, **extra},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+
+    assert "NOAUTH" in cli("ping", auth=None).stdout
+    assert cli("config", "get", "appendonly").stdout.split() == ["appendonly", "yes"]
+    assert cli("config", "get", "maxmemory-policy").stdout.split() == [
+        "maxmemory-policy",
+        "noeviction",
+    ]
+    assert cli("config", "get", "maxmemory").stdout.split() == ["maxmemory", str(1024**3)]
+    # The compose healthcheck, pointed at this port: healthy with the password, unhealthy
+    # without (redis-cli itself exits 0 on NOAUTH, hence the grep).
+    check = _healthcheck_shell(compose["services"]["redis"]).replace(
+        "redis-cli", f"redis-cli -p {port}"
+    )
+    ok = subprocess.run(["sh", "-c", check], env={**base, "REDISCLI_AUTH": password}, timeout=10)
+    assert ok.returncode == 0
+    bad = subprocess.run(["sh", "-c", check], env={**base, "REDISCLI_AUTH": "wrong"}, timeout=10)
+    assert bad.returncode != 0
+
+
+def test_worker_healthcheck_pings_this_worker_through_the_broker(
+    tmp_path: Path, compose: dict[str, Any], env: dict[str, str], compose_redis: int
+) -> None:
+    broker = f"redis://:{env['REDIS_PASSWORD']}@127.0.0.1:{compose_redis}/0"
+    worker_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)},
+        "DICOM_NODE_BROKER_URL": broker,
+        "DICOM_NODE_DATA_DIR": str(tmp_path / "data"),
+        "PYTHONPATH": str(REPO),
+    }
+    service = compose["services"]["worker"]
+    # The compose command, without a --name: the worker names itself after the host, as in a
+    # container (whose host name Docker also puts into $HOSTNAME).
+    assert "--name" not in service["command"]
+    log = (tmp_path / "worker.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", *service["command"]],
+        env=worker_env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    check = _healthcheck_shell(service)
+    shell_env = {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DICOM_NODE_BROKER_URL": broker,
+        "HOME": str(tmp_path),
+    }
+
+    def healthy(hostname: str) -> bool:
+        result = subprocess.run(
+            ["sh", "-c", check],
+            env={**shell_env, "HOSTNAME": hostname},
+            capture_output=True,
+            timeout=60,
+        )
+        return result.returncode == 0
+
+    try:
+        wait_until(
+            lambda: healthy(socket.gethostname()), 90, 1.0, message="worker answering its ping"
+        )
+        # Another replica's name does not count for this one.
+        assert not healthy("some-other-container")
+    finally:
+        stop_process(proc, timeout=40)
+        log.close()
+    assert not healthy(socket.gethostname())
 
 
 # ------------------------------------------------------------------- settings the containers get

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node import audit
 from dicom_node.ingest import Ingestor
 from dicom_node.scp import incoming
 from dicom_node.scp.contexts import storage_contexts, verification_context
@@ -53,10 +56,14 @@ class NodeAssociationServer(ThreadedAssociationServer):
 
     pynetdicom wraps TLS sockets in ``get_request`` with the handshake done on the accept
     thread, so one silent client could stall every new association. We defer the handshake to
-    the association's own thread (first read), with the network timeout as its deadline.
+    the connection's own thread, with the network timeout as its deadline, and complete it there
+    before pynetdicom sees the socket: a refused peer (no or untrusted certificate, plain TCP)
+    becomes one log line and an audit record instead of a DUL error with a traceback.
     """
 
     reuse_port = True
+    on_tls_failure: Callable[[str, str], None] | None = None
+    """Called with (peer address, reason) when a TLS handshake fails (audit, metrics)."""
 
     def server_bind(self) -> None:
         if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
@@ -72,6 +79,33 @@ class NodeAssociationServer(ThreadedAssociationServer):
                 client, server_side=True, do_handshake_on_connect=False
             )
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            host = str(client_address[0]) if isinstance(client_address, tuple) else "-"
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                self.shutdown_request(request)
+                if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError):
+                    # Closed before saying anything: a port probe or a health check.
+                    LOGGER.debug("TLS connection from %s closed before the handshake", host)
+                    return
+                reason = tls_failure_reason(exc)
+                LOGGER.warning("DICOM TLS handshake with %s failed: %s", host, reason)
+                if self.on_tls_failure is not None:
+                    self.on_tls_failure(host, reason)
+                return
+        super().process_request_thread(request, client_address)
+
+
+def tls_failure_reason(exc: BaseException) -> str:
+    """A short, patient-free reason for a failed handshake (OpenSSL's reason code)."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "handshake timed out"
+    return type(exc).__name__
 
 
 class Receiver:
@@ -143,12 +177,23 @@ class Receiver:
             server_class=NodeAssociationServer,
         )
         assert isinstance(server, NodeAssociationServer)
+        server.on_tls_failure = self._tls_failed
         self.server = server
         thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)
         thread.start()
         self.ae._servers.append(server)
         host, bound_port = server.server_address[:2]
         return str(host), int(bound_port)
+
+    def _tls_failed(self, host: str, reason: str) -> None:
+        self.observe_association("rejected")
+        audit.record(
+            self.db,
+            audit.ASSOCIATION_REJECTED,
+            actor=f"-@{host}",
+            outcome="failure",
+            reason=f"TLS handshake failed: {reason}",
+        )
 
     @property
     def active_associations(self) -> int:

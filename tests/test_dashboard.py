@@ -74,12 +74,21 @@ def make_env(tmp_path: Path, database_url: str, redis: RedisServer | None, *, se
     )
 
 
+def start(env: NodeEnv) -> str:
+    """Start the node; its base URL once HTTP answers (the DICOM port opens first)."""
+    env.start()
+    base = f"http://127.0.0.1:{env.node.http_port}"
+    wait_until(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, 30, message="healthz")
+    return base
+
+
 def select_option(browser: Browser, name: str, value: str) -> None:
     """Choose a filter value the way a user does (the change event drives the page script)."""
     browser.eval(
         f"""(() => {{ const s = document.querySelector('select[name="{name}"]'); s.value = {json.dumps(value)};
         s.dispatchEvent(new Event('change', {{ bubbles: true }})); }})()"""
     )
+    assert browser.eval(f"document.querySelector('select[name=\"{name}\"]').value") == value, f"no {value!r} in the {name} filter"
 
 
 def box_colour(rgb: np.ndarray) -> np.ndarray:
@@ -106,8 +115,7 @@ def test_dashboard_shows_the_processed_job_with_preview_and_opens_ohif(
         env={"DICOM_NODE_HTTP__OHIF_URL": ohif.url},
     )
     try:
-        env.start()
-        base = f"http://127.0.0.1:{env.node.http_port}"
+        base = start(env)
         shots = tmp_path / "screenshots"
         shots.mkdir()
 
@@ -217,8 +225,7 @@ def test_cancel_and_retry_from_the_job_page(
 ) -> None:
     env = make_env(tmp_path, database_url, redis_server, seconds=6.0)
     try:
-        env.start()
-        base = f"http://127.0.0.1:{env.node.http_port}"
+        base = start(env)
         env.send(ct_series(tmp_path / "study", slices=8, size=64))
         env.add_worker()
         (job,) = env.wait_for_jobs(1)
@@ -263,9 +270,7 @@ def test_cancel_and_retry_from_the_job_page(
 def test_pages_need_credentials_and_ship_their_assets(tmp_path: Path, sqlite_url: str) -> None:
     env = make_env(tmp_path, sqlite_url, None, seconds=0.1)
     try:
-        env.start()
-        base = f"http://127.0.0.1:{env.node.http_port}"
-        wait_until(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, 30, message="healthz")
+        base = start(env)
         for path in ("/", "/jobs/x", "/static/dashboard.js", "/api/jobs/x/preview.png", "/api/studies"):
             r = requests.get(base + path, timeout=10)
             assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic "), path

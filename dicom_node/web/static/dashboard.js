@@ -101,6 +101,18 @@
 
   let listRequest = 0;
 
+  // Models that appear after the page was rendered become choosable in the filter.
+  function addModelOptions(models) {
+    const select = filters.querySelector('select[name="model"]');
+    if (!select) return;
+    const known = new Set(Array.from(select.options, (o) => o.value));
+    for (const model of models) {
+      if (!model || model === "-" || known.has(model)) continue;
+      select.append(el("option", { value: model, text: model }));
+      known.add(model);
+    }
+  }
+
   async function refreshList() {
     // A slow answer for an older filter must not overwrite a newer one.
     const mine = ++listRequest;
@@ -117,6 +129,7 @@
       }
       body.replaceChildren(...rows);
       document.getElementById("job-count").textContent = String(data.count);
+      addModelOptions(data.jobs.map((job) => job.model));
       const panel = document.getElementById("receiving");
       const list = document.getElementById("receiving-list");
       list.replaceChildren(

@@ -440,10 +440,14 @@ def parse_destination_url(url: str) -> tuple[str, dict[str, Any]]:
 
 def _redact(url: str) -> str:
     """Hide a password in a URL before it goes into a message."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return parts._replace(netloc=netloc).geturl()
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            host = parts.hostname or ""
+            netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+            return parts._replace(netloc=netloc).geturl()
+    except ValueError:  # unparseable (e.g. a bad port): hide everything before the host
+        return url.split("://", 1)[0] + "://***"
     return url
 
 
@@ -485,6 +489,8 @@ def format_validation_error(exc: ValidationError, path: Path | str | None) -> st
         env = ENV_PREFIX + "__".join(str(p) for p in err["loc"] if not isinstance(p, int)).upper()
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
+        if isinstance(got, str) and "://" in got:
+            got = _redact(got)  # a URL may carry a password
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
         if "password" in loc or "token" in loc or "users" in loc:
             shown = ""

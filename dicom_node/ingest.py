@@ -33,7 +33,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from dicom_node.errors import IngestError, InvalidInstanceError, StorageError
@@ -250,7 +250,7 @@ class Ingestor:
             return self._index(
                 parsed, temp, relative, placed, size, sha, calling_ae_title, source, study_key, series_key
             )
-        except (OperationalError, IntegrityError) as exc:
+        except DBAPIError as exc:
             # The index could not be committed: revoke the file we placed (dcm4chee does the
             # same) so the spool never holds an instance we did not acknowledge.
             if placed:

@@ -514,9 +514,18 @@ class StateCollector:
 # -- exposition ---------------------------------------------------------------------------------
 
 
-def render(collector: StateCollector | None) -> tuple[bytes, str]:
-    """The ``/metrics`` body and its content type: receiver metrics of every process of this
-    node run (multiprocess mode) or of this process, plus ``collector``'s."""
+def render(
+    collector: StateCollector | None,
+    *,
+    receiver_dir: Path | None = None,
+    this_process: bool = True,
+) -> tuple[bytes, str]:
+    """The ``/metrics`` body and its content type.
+
+    Receiver metrics come from ``receiver_dir`` or this node run's multiprocess directory (every
+    receiver process), else, with ``this_process``, from this process's own registry (tools and
+    tests running the app in-process); then ``collector``'s metrics.
+    """
     from prometheus_client import (
         CONTENT_TYPE_LATEST,
         REGISTRY,
@@ -525,19 +534,26 @@ def render(collector: StateCollector | None) -> tuple[bytes, str]:
         multiprocess,
     )
 
-    path = multiprocess_dir()
+    path = receiver_dir or multiprocess_dir()
+    registry = CollectorRegistry()
     if path is not None and path.is_dir():
-        registry = CollectorRegistry()
         with contextlib.suppress(OSError):
             forget_dead_processes(path)
         multiprocess.MultiProcessCollector(registry, path=str(path))
-    else:
-        registry = CollectorRegistry()
-        # Metrics of this process only (tests and tools running the app in-process).
+    elif this_process:
         registry.register(_Delegate(REGISTRY))
     if collector is not None:
         registry.register(collector)
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def live_run_dir(data_dir: Path) -> Path | None:
+    """The metrics directory of the node running on ``data_dir`` now, if any."""
+    for run in sorted(Path(data_dir).glob("metrics/run-*")):
+        pid = run.name.removeprefix("run-")
+        if pid.isdigit() and _pid_alive(int(pid)):
+            return run
+    return None
 
 
 class _Delegate:

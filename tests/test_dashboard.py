@@ -143,7 +143,7 @@ def test_dashboard_shows_the_processed_job_with_preview_and_opens_ohif(
         assert model == "test-slow 1.0.0"
         assert created == job.created_at.strftime("%Y-%m-%d %H:%M:%S")
         assert all(stage in timings for stage in ("load", "detect", "encode", "deliver"))
-        assert findings == "1" and delivery == "done 1" and error == ""
+        assert findings == "1" and delivery == "pacs done" and error == ""
         browser.screenshot(shots / "1-list.png")
 
         # Filters, applied without reloading: no failed job; the done job by state and model.

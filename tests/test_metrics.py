@@ -6,6 +6,7 @@ The page is parsed with prometheus_client's own parser (a malformed page fails t
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
@@ -174,6 +175,27 @@ def test_metrics_follow_a_study_through_the_node(env: NodeEnv, tmp_path: Path) -
     assert again.value("dicom_node_job_stage_duration_seconds_count", stage="detect") == 1
     assert again.value("dicom_node_received_instances_total", source="dimse") == 8
     assert "PHICANARY" not in done.text
+
+    # The same figures without HTTP, from `dicom-node metrics` (text for node_exporter, JSON).
+    textfile = tmp_path / "dicom_node.prom"
+    assert env.node.run("metrics", "--textfile", str(textfile)).returncode == 0
+    offline = Scrape(textfile.read_text())
+    assert offline.value("dicom_node_received_instances_total", source="dimse") == 8
+    assert offline.value("dicom_node_jobs", state="failed") == 1
+    assert offline.value("dicom_node_job_stage_duration_seconds_count", stage="detect") == 1
+    out = env.node.run("metrics", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {"name": "dicom_node_deliveries", "labels": {"destination": "pacs", "state": "done"}, "value": 1.0} in rows
+
+
+def test_metrics_command_exit_code_when_the_database_is_down(tmp_path: Path) -> None:
+    from tests.peers import NodeProcess
+
+    node = NodeProcess(tmp_path / "var", {"DICOM_NODE_DATABASE_URL": f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none"})
+    out = node.run("metrics")
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "dicom_node_state_database_up 0.0" in out.stdout and "cannot be reached" in out.stderr
 
 
 # -- the state collector on its own, against both database backends ---------------------------

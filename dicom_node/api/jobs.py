@@ -6,7 +6,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from dicom_node.state import Delivery, Job, Study
@@ -89,7 +89,7 @@ def list_jobs(
     offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Jobs newest first; ``since`` inclusive, ``until`` exclusive (creation time). Each item
-    has ``deliveries``: the number of its deliveries per delivery state."""
+    has ``deliveries``: the state of its delivery to each destination (name -> state)."""
     q = select(Job, Study).join(Study, Study.id == Job.study_id)
     if state:
         q = q.where(Job.state == state)
@@ -103,17 +103,17 @@ def list_jobs(
         q = q.where(Study.study_key == study_key)
     q = q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
     items = [job_view(job, study) for job, study in s.execute(q).all()]
-    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    states: dict[str, dict[str, str]] = defaultdict(dict)
     if items:
         rows = s.execute(
-            select(Delivery.job_id, Delivery.state, func.count())
+            select(Delivery.job_id, Delivery.destination, Delivery.state)
             .where(Delivery.job_id.in_([i["id"] for i in items]))
-            .group_by(Delivery.job_id, Delivery.state)
+            .order_by(Delivery.id)
         )
-        for job_id, delivery_state, count in rows:
-            counts[job_id][delivery_state] = int(count)
+        for job_id, destination, delivery_state in rows:
+            states[job_id][destination] = delivery_state
     for item in items:
-        item["deliveries"] = counts.get(item["id"], {})
+        item["deliveries"] = states.get(item["id"], {})
     return items
 
 

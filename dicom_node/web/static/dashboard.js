@@ -74,11 +74,11 @@
     for (const [stage, secs] of Object.entries(job.timings || {})) {
       timings.append(el("span", { text: stage + " " + seconds(secs) }));
     }
-    const delivery = el("td");
+    const delivery = el("td", { className: "deliveries" });
     const deliveries = Object.entries(job.deliveries || {});
     if (deliveries.length === 0) delivery.append(el("span", { className: "muted", text: "none" }));
-    for (const [state, count] of deliveries) {
-      delivery.append(el("span", { className: "delivery delivery-" + state, text: state + " " + count }));
+    for (const [destination, state] of deliveries) {
+      delivery.append(el("span", { className: "delivery delivery-" + state, text: destination + " " + state }));
     }
     const model = el("td", { text: job.model });
     if (job.model_version) model.append(" ", el("span", { className: "version", text: job.model_version }));

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -194,6 +195,19 @@ def test_stow_stores_like_cstore(tmp_path: Path, database_url: str, node_db: Dat
         assert events == [(False, "kept-first"), (False, "kept-first"), (True, "ignored"), (True, "ignored")]
         assert (spool / by_uid[uid_of(study_x[1])].path).read_bytes() == study_x[1].read_bytes()
         assert len(instances(node_db, x_uid)) == 4
+
+        # /metrics counts STOW-RS next to C-STORE (duplicates answered with success count too).
+        def received(source: str) -> float:
+            text = requests.get(f"http://127.0.0.1:{node.http_port}/metrics", headers=AUTH, timeout=10).text
+            return sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "dicom_node_received_instances_total" and sample.labels.get("source") == source
+            )
+
+        assert received("stow") == 3 + 3 + 2
+        assert received("dimse") == 1 + 3 + 2
 
         # Completion does not care how instances came: one job per study, same rule and model.
         def jobs() -> dict[str, Job] | None:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from dicom_node import audit
+from dicom_node import audit, metrics
 from dicom_node.api.deps import DatabaseDep, User
 from dicom_node.dicomweb import qido, stow, wado
 from dicom_node.dicomweb.media import (
@@ -166,6 +166,7 @@ async def _store(request: Request, user: str, study: str | None) -> Response:
 
     for study_key in new_studies:
         audit.record(backend.db, audit.STUDY_RECEIVED, actor=actor, study_key=study_key, via="stow-rs")
+    _count(result)
     counts = stow.summary(result)
     status = stow.http_status(result)
     LOGGER.info(
@@ -196,6 +197,15 @@ async def _store(request: Request, user: str, study: str | None) -> Response:
     if result.problem:
         headers["Warning"] = f'299 dicom-node "{result.problem}"'
     return _dicom_json(body.to_json_dict(), status, headers)
+
+
+def _count(result: stow.StowResult) -> None:
+    """Instances and bytes received by STOW-RS, next to C-STORE's, in /metrics."""
+    try:
+        for part in result.parts:
+            metrics.observe_instance("stow", part.status, part.size if part.stored else 0)
+    except Exception:  # metrics must never fail a store
+        LOGGER.debug("STOW-RS metrics update failed", exc_info=True)
 
 
 # -- WADO-RS ----------------------------------------------------------------------------------

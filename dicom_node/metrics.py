@@ -107,11 +107,11 @@ def forget_dead_processes(path: Path) -> None:
     """
     from prometheus_client import multiprocess
 
-    pids = set()
+    pids: set[int] = set()
     for f in path.glob("gauge_live*_*.db"):
-        pid = f.stem.rsplit("_", 1)[-1]
-        if pid.isdigit():
-            pids.add(int(pid))
+        digits = f.stem.rsplit("_", 1)[-1]
+        if digits.isdigit():
+            pids.add(int(digits))
     for pid in pids:
         if not _pid_alive(pid):
             multiprocess.mark_process_dead(pid, str(path))

@@ -91,14 +91,16 @@ def job_preview(settings: Settings, db: Database, job_id: str) -> Preview | None
         study = s.get(Study, job.study_id)
         summary = dict(job.summary or {})
         series_uid = summary.get("series_instance_uid") or next(iter(job.series_uids or []), None)
-        rows = []
+        rows: list[Any] = []
         if study is not None and series_uid:
-            rows = s.execute(
-                select(Instance.path, Instance.sha256, Instance.sop_instance_uid)
-                .join(Series, Series.id == Instance.series_id)
-                .where(Instance.study_id == study.id, Series.series_instance_uid == series_uid)
-                .order_by(Instance.id)
-            ).all()
+            rows = list(
+                s.execute(
+                    select(Instance.path, Instance.sha256, Instance.sop_instance_uid)
+                    .join(Series, Series.id == Instance.series_id)
+                    .where(Instance.study_id == study.id, Series.series_instance_uid == series_uid)
+                    .order_by(Instance.id)
+                ).all()
+            )
         job_key = job.id
     if not rows:
         return placeholder("no image series recorded for this job")

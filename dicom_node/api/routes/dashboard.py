@@ -70,11 +70,14 @@ def _when(value: str | None) -> str:
 def _size(value: Any) -> str:
     if not isinstance(value, int):
         return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value = value / 1024  # type: ignore[assignment]
-    return str(value)
+    if value < 1024:
+        return f"{value} B"
+    amount = float(value)
+    for unit in ("KiB", "MiB", "GiB"):
+        amount /= 1024
+        if amount < 1024 or unit == "GiB":
+            break
+    return f"{amount:.1f} {unit}"
 
 
 def ohif_link(ohif_url: str | None, study_instance_uid: str | None) -> str | None:
@@ -102,7 +105,8 @@ def jobs_page(
     date_to: Annotated[date | None, Query(alias="to")] = None,
 ) -> Response:
     """The job list with filters (state, model, creation date in UTC)."""
-    until = _day_start(date_to) + timedelta(days=1) if date_to else None
+    end = _day_start(date_to)
+    until = end + timedelta(days=1) if end else None
     with db.session() as s:
         jobs = job_views.list_jobs(
             s,

@@ -1,10 +1,12 @@
 """A worker on "another machine" (no shared disk) reads its inputs over WADO-RS from the node
 and produces the same results as a worker that reads the node's spool.
 
-The same study goes to two nodes: one with a worker on its spool, one whose worker has its own
-data directory (no spool in it) and ``worker.source = "dicomweb"``. Output UIDs are derived from
-the study, the input set and the model, so both runs must name their SR and SEG identically,
-report the same findings (which depend on every voxel), and emit valid objects.
+The same study goes to two nodes: one receives it by C-STORE and has a worker on its spool; the
+other receives it by STOW-RS and has a worker with its own data directory (no spool in it) and
+``worker.source = "dicomweb"``. Output UIDs are derived from the study, the input set and the
+model, so both runs must name their SR and SEG identically, report the same findings (which
+depend on every voxel), and emit valid objects: a study that came by STOW-RS is processed
+exactly like one that came by C-STORE, and a remote worker exactly like a local one.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from pydicom import dcmread
 
 from dicom_node.state import JobState
 from tests.dicomgen import ct_series
 from tests.peers import NodeProcess, RedisServer, WorkerProcess
 from tests.pipeline_env import NodeEnv
+from tests.test_stow import MULTIPART, multipart
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +86,7 @@ def output_file(results_dir: Path, env: NodeEnv, job_id: str, kind: str) -> Path
     return path
 
 
-def test_worker_over_wado_rs_matches_worker_on_spool(
+def test_stow_and_remote_worker_match_cstore_and_spool_worker(
     tmp_path: Path, database_url: str, second_database_url: str, redis_server: RedisServer
 ) -> None:
     study = ct_series(tmp_path / "study", slices=8, size=64)
@@ -101,7 +105,13 @@ def test_worker_over_wado_rs_matches_worker_on_spool(
         remote.start()
         worker_dir = tmp_path / "remote-worker" / "var"
         remote_worker(remote, worker_dir)
-        remote.send(study)
+        stow = requests.post(
+            f"http://127.0.0.1:{remote.node.http_port}/dicom-web/studies",
+            data=multipart([p.read_bytes() for p in study]),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": MULTIPART},
+            timeout=60,
+        )
+        assert stow.status_code == 200, stow.text
         (job_remote,) = remote.wait_all_terminal(1)
         assert job_remote.state == JobState.DONE.value, remote.diagnostics()
 

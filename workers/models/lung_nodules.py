@@ -1,0 +1,514 @@
+"""The built-in ``lung-nodules`` detector: a reference detector for pulmonary nodules on chest CT.
+
+**This is a reference detector, not a cleared medical device.** It exists so that the node
+works end to end out of the box and so that plug-in models have a baseline to beat. Its
+figures come from synthetic phantoms (``dicom-node synth``), not from patients; it has not
+been validated on clinical data and must not be used for diagnosis.
+
+How it works (all on the CPU in about 10 s for a 300 x 512² CT on 2 cores; CUDA when present):
+
+1. **Grid.** Unevenly spaced series are resampled along the normal
+   (:func:`workers.volume.uniform_grid`); results are mapped back to source slice indices.
+   In-plane, the image is mean-pooled to about 1.4 mm pixels.
+2. **Lungs** from HU and morphology (:func:`workers.models.nodule_ops.lung_mask`): air inside the
+   body, closed per slice and per component so that juxtapleural nodules are inside the mask.
+   Outside the mask the image is set to the lung's median HU, so the chest wall, mediastinum
+   and bone give no response and a nodule on the pleura becomes a free-standing blob.
+3. **Blob enhancement**: scale-normalised Laplacian of Gaussian at 7 scales (1-8 mm) through
+   the FFT in torch, maximum over scales.
+4. **Candidates**: local maxima of the response inside the lung mask.
+5. **False-positive reduction**: per candidate, 32 features — Hessian eigenvalue ratios
+   (blob vs vessel), the response across scales, densities at the centre and on spherical shells
+   at 1.25, 1.75 and 2.5 radii (an isolated nodule has an empty shell; a vessel crosses it
+   twice, a branch point three times), and the share of each shell outside the lung (pleura)
+   — scored by a small MLP trained on phantoms (``weights/lung_nodules_fp.json``, produced by
+   ``python -m workers.models.train_fp_reduction``). Candidates closer than their radius to a
+   better one are suppressed.
+6. **Per nodule**: a mask by region growing at a threshold halfway between the nodule's centre
+   density and the lung (so ground glass is segmented too), cut to the lung mask and to a
+   sphere around the centre; then centre, long-axis diameter on the key slice, volume, and
+   the type (solid / part-solid / ground-glass) from the share of solid voxels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from dicom_node.errors import ModelLoadError
+from workers.findings import LUNG, NODULE, CodedConcept, DetectionResult, Finding
+from workers.models import nodule_ops as ops
+from workers.models.base import InputRequirements, ModelInfo
+from workers.models.measure import finding_from_mask
+from workers.models.nodule_classifier import FpReducer, sample_patches
+from workers.volume import UniformGrid, Volume, VolumeError, uniform_grid
+
+LOGGER = logging.getLogger(__name__)
+
+NAME = "lung-nodules"
+VERSION = "0.1.0"
+WEIGHTS = Path(__file__).with_name("weights") / "lung_nodules_fp.json"
+"""Card of the FP-reduction weights (the .pt file it names sits beside it)."""
+
+SIGMAS_MM = (1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)
+"""LoG scales; a blob of radius r responds most near sigma = r / sqrt(3): 3-28 mm nodules."""
+SHELL_FACTORS = (1.25, 1.75, 2.5)
+DETECTION_PIXEL_MM = 1.4
+COARSE_PIXEL_MM = 2.8
+MIN_RESPONSE = 30.0
+DEFAULT_THRESHOLD = 0.5
+MAX_FINDINGS = 20
+FROC_FLOOR = 0.01
+"""Candidates scoring at least this go into ``DetectionResult.extra['candidates']`` (FROC)."""
+
+AI_FAMILY = CodedConcept("123110", "DCM", "Artificial Intelligence")
+"""CID 7162 Algorithm Family: image filtering with a learned (MLP) false-positive classifier."""
+
+
+def _fibonacci_sphere(n: int) -> np.ndarray:
+    i = np.arange(n) + 0.5
+    phi = np.arccos(1 - 2 * i / n)
+    theta = math.pi * (1 + 5**0.5) * i
+    return np.stack([np.cos(phi), np.sin(phi) * np.sin(theta), np.sin(phi) * np.cos(theta)], axis=1)
+
+
+DIRECTIONS = _fibonacci_sphere(32)
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "log_response",
+    "log_sigma",
+    "l2_over_l1",
+    "l3_over_l1",
+    "l1_norm",
+    *(f"scale_profile_{i}" for i in range(len(SIGMAS_MM))),
+    "centre_hu_fine",
+    "centre_hu_scale",
+    *(f"shell{f}_{stat}" for f in SHELL_FACTORS for stat in ("mean", "max", "frac500", "frac650", "outside")),
+)
+
+
+@dataclass
+class Candidates:
+    """Candidate blobs of one volume, on the detection grid, with their features."""
+
+    points: np.ndarray
+    """(N, 3) integer (m, r, c) on the pooled detection grid."""
+    features: np.ndarray
+    """(N, len(FEATURE_NAMES)) float32."""
+    radius_mm: np.ndarray
+    """(N,) radius estimate from the best scale."""
+    centre_hu: np.ndarray
+    grid: UniformGrid
+    factor: int
+    spacing: tuple[float, float, float]
+    """Detection grid spacing (mm)."""
+    mask: np.ndarray
+    """Lung mask on the detection grid."""
+    lung_level: float
+    timings: dict[str, float]
+
+    def source_ijk(self, points: np.ndarray | None = None) -> np.ndarray:
+        """(N, 3) fractional (k, j, i) in the source volume of detection-grid points."""
+        p = self.points if points is None else points
+        k = np.asarray(self.grid.to_source_index(p[:, 0].astype(np.float64)), dtype=np.float64)
+        j = p[:, 1] * self.factor + (self.factor - 1) / 2
+        i = p[:, 2] * self.factor + (self.factor - 1) / 2
+        return np.stack([k, j, i], axis=1)
+
+
+class LungNoduleDetector:
+    """Reference lung-nodule detector (see the module docstring). Not a medical device."""
+
+    def __init__(
+        self,
+        *,
+        device: str | None = None,
+        threshold: float | None = None,
+        options: dict[str, Any] | None = None,
+        weights: Path | str | None = None,
+    ) -> None:
+        options = dict(options or {})
+        self.device = _pick_device(device)
+        self.threads = int(options.pop("threads", 0)) or None
+        self.max_findings = int(options.pop("max_findings", MAX_FINDINGS))
+        self.closing_mm = float(options.pop("closing_mm", 12.0))
+        if options:
+            raise ValueError(f"unknown options for {NAME}: {sorted(options)}")
+        path = Path(weights) if weights else WEIGHTS
+        self._classifier: FpReducer | None = None
+        if path.is_file():
+            self._classifier = FpReducer.load(path)
+            if self._classifier.features != FEATURE_NAMES:
+                raise ModelLoadError(f"{path.name}: the weights were trained on other features")
+        elif weights is not None:
+            raise ModelLoadError(f"FP-reduction weights card {path} does not exist")
+        else:
+            LOGGER.warning("no FP-reduction weights at %s: using the untrained fallback rule", path)
+        self.threshold = float(threshold if threshold is not None else (self._classifier.threshold if self._classifier else DEFAULT_THRESHOLD))
+        self._info = ModelInfo(
+            name=NAME,
+            version=VERSION if self._classifier is None else f"{VERSION}+fp{self._classifier.version}",
+            family=AI_FAMILY,
+            description="Reference lung-nodule detector (multi-scale LoG + learned false-positive "
+            "reduction). Not a medical device; evaluated on synthetic phantoms only.",
+            labels=(NODULE,),
+            weights_sha256=self._classifier.sha256 if self._classifier else None,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def requirements(self) -> InputRequirements:
+        return InputRequirements(
+            modalities=("CT",),
+            min_slices=16,
+            max_slice_thickness_mm=3.0,
+            axial_only=True,
+            preferred_kernels=(r"lung", r"^b[5-9]", r"^[bi]7", r"sharp", r"^yc?$", r"^l$", r"bone"),
+        )
+
+    # -- the pipeline -------------------------------------------------------------------------
+
+    def candidates(self, volume: Volume) -> Candidates:
+        """Stages 1-4 and the features of stage 5 (used by ``predict`` and by training)."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if volume.array.ndim != 3 or min(volume.shape) < 1:
+            raise VolumeError("empty volume")
+        grid = uniform_grid(volume, max_gap_mm=max(3.0 * volume.slice_spacing, 6.0))
+        px = float(np.mean(volume.pixel_spacing))
+        factor = max(1, round(DETECTION_PIXEL_MM / px))
+        coarse = max(1, round(COARSE_PIXEL_MM / (px * factor)))
+        spacing = (grid.spacing, volume.pixel_spacing[0] * factor, volume.pixel_spacing[1] * factor)
+        dev = torch.device(self.device)
+        image = ops.pool_inplane(torch.from_numpy(np.ascontiguousarray(grid.array)), factor)
+        coarse_img = ops.pool_inplane(image, coarse).numpy()
+        image_np = image.numpy()
+        timings["pool"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        mask, _air = ops.lung_mask(image_np, coarse_img, spacing, coarse, closing_mm=self.closing_mm)
+        timings["lungs"] = time.perf_counter() - t
+        if not mask.any():
+            return _empty_candidates(grid, factor, spacing, mask, timings)
+
+        # Crop to the lungs (+ a margin for the largest scale) and flatten everything outside.
+        t = time.perf_counter()
+        margin = [math.ceil(2.5 * SIGMAS_MM[-1] / s) for s in spacing]
+        box = []
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            idx = np.flatnonzero(mask.any(axis=other))
+            box.append(slice(max(int(idx[0]) - margin[axis], 0), min(int(idx[-1]) + margin[axis] + 1, mask.shape[axis])))
+        crop_mask = torch.from_numpy(np.ascontiguousarray(mask[tuple(box)]))
+        crop = image[tuple(box)].clamp(-1000.0, 150.0)
+        lung_level = float(crop[crop_mask].median())
+        crop = torch.where(crop_mask, crop, torch.tensor(lung_level)).to(dev)
+        timings["prepare"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        blobs = ops.blob_response(crop, spacing, SIGMAS_MM)
+        timings["filter"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        peaks = ops.local_maxima(blobs.response.cpu(), crop_mask, MIN_RESPONSE)
+        timings["peaks"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        feats, radius, centre_hu = _features(blobs, peaks, crop_mask.numpy(), spacing)
+        offset = np.array([b.start for b in box])
+        timings["features"] = time.perf_counter() - t
+        return Candidates(
+            points=peaks + offset,
+            features=feats,
+            radius_mm=radius,
+            centre_hu=centre_hu,
+            grid=grid,
+            factor=factor,
+            spacing=spacing,
+            mask=mask,
+            lung_level=lung_level,
+            timings=timings,
+        )
+
+    def score(self, cands: Candidates) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of the candidates worth a second look: ``(indices, probabilities)``.
+
+        Stage 1 ranks all candidates by their features, stage 2 re-scores the ``top_k`` best
+        from patches (see :mod:`workers.models.nodule_classifier`).
+        """
+        f = cands.features
+        if self._classifier is None:
+            # Without trained weights: a transparent hand-set rule (blob-ness and contrast).
+            blob = np.clip(f[:, FEATURE_NAMES.index("l3_over_l1")], 0, 1)
+            contrast = np.clip((f[:, FEATURE_NAMES.index("centre_hu_scale")] + 800) / 600, 0, 1)
+            return np.arange(len(f)), blob * contrast
+        s1 = self._classifier.stage1_scores(f)
+        top = np.argsort(-s1)[: self._classifier.top_k]
+        patches = self.patches(cands, top)
+        return top, self._classifier.stage2_scores(patches, f[top])
+
+    def patches(self, cands: Candidates, which: np.ndarray) -> torch.Tensor:
+        """Stage-2 input patches of the candidates ``which`` (see ``sample_patches``)."""
+        f = cands.factor
+        pts = cands.points[which].astype(np.float64)
+        centres = np.stack([pts[:, 0], pts[:, 1] * f + (f - 1) / 2, pts[:, 2] * f + (f - 1) / 2], axis=1)
+        px = (cands.spacing[1] / f, cands.spacing[2] / f)
+        return sample_patches(
+            torch.from_numpy(np.ascontiguousarray(cands.grid.array)),
+            torch.from_numpy(cands.mask),
+            centres,
+            (cands.spacing[0], px[0], px[1]),
+            (1.0, float(f), float(f)),
+            cands.radius_mm[which],
+            mask_origin=(0.0, (f - 1) / 2, (f - 1) / 2),
+        )
+
+    def predict(self, volume: Volume) -> DetectionResult:
+        """Find nodules in ``volume`` (see the module docstring)."""
+        started = time.perf_counter()
+        previous_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            cands = self.candidates(volume)
+            t = time.perf_counter()
+            which, scores = self.score(cands)
+            kept = _suppress(cands, which, scores)
+            keep = which[kept]
+            scores = scores[kept]
+            cands_points = cands.points[keep]
+            radius = cands.radius_mm[keep]
+            source = cands.source_ijk(cands_points)
+            findings: list[Finding] = []
+            order = np.argsort(-scores)
+            for n in order:
+                if scores[n] < self.threshold or len(findings) >= self.max_findings:
+                    break
+                finding = self._finding(volume, cands, cands_points[n], source[n], radius[n], float(scores[n]))
+                if finding is not None:
+                    findings.append(finding)
+            froc = [
+                {
+                    "center_mm": [round(v, 2) for v in volume.index_to_patient(*source[n])],
+                    "score": round(float(scores[n]), 5),
+                    "radius_mm": round(float(radius[n]), 2),
+                }
+                for n in order
+                if scores[n] >= FROC_FLOOR
+            ][:500]
+            cands.timings["classify+segment"] = time.perf_counter() - t
+        finally:
+            torch.set_num_threads(previous_threads)
+        return DetectionResult(
+            model_name=self.info.name,
+            model_version=self.info.version,
+            series_instance_uid=volume.series_instance_uid,
+            findings=findings,
+            runtime_seconds=time.perf_counter() - started,
+            device=self.device,
+            extra={
+                "candidates": froc,
+                "candidate_count": len(cands.points),
+                "timings": {k: round(v, 3) for k, v in cands.timings.items()},
+                "threshold": self.threshold,
+                "disclaimer": "reference detector, not a medical device",
+            },
+        )
+
+    def _finding(
+        self,
+        volume: Volume,
+        cands: Candidates,
+        point: np.ndarray,
+        source: np.ndarray,
+        radius_mm: float,
+        score: float,
+    ) -> Finding | None:
+        """Segment one nodule at full in-plane resolution around its candidate point."""
+        grid, factor = cands.grid, cands.factor
+        spacing_full = (grid.spacing, volume.pixel_spacing[0], volume.pixel_spacing[1])
+        reach = max(2.0 * radius_mm, 6.0)
+        centre_grid = np.array([point[0], source[1], source[2]], dtype=np.float64)
+        lo = np.maximum(np.floor(centre_grid - reach / np.array(spacing_full)).astype(int), 0)
+        hi = np.minimum(np.ceil(centre_grid + reach / np.array(spacing_full)).astype(int) + 1, np.array(grid.array.shape))
+        patch = grid.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        if patch.size == 0:
+            return None
+        lung = cands.mask[lo[0] : hi[0], :, :]
+        lung = np.repeat(np.repeat(lung, factor, axis=1), factor, axis=2)[:, lo[1] : hi[1], lo[2] : hi[2]]
+        if lung.shape != patch.shape:
+            pad = [(0, p - m) for p, m in zip(patch.shape, lung.shape, strict=True)]
+            lung = np.pad(lung, pad, mode="edge")
+        smooth = ndimage.uniform_filter(patch, size=(1, 3, 3))
+        c = np.clip(np.rint(centre_grid - lo).astype(int), 0, np.array(patch.shape) - 1)
+        centre_val = float(smooth[tuple(c)])
+        level = cands.lung_level
+        cut = float(np.clip(0.5 * (centre_val + level), -750.0, -300.0))
+        zz, yy, xx = np.meshgrid(
+            *(np.arange(n) * s for n, s in zip(patch.shape, spacing_full, strict=True)), indexing="ij"
+        )
+        cz, cy, cx = (centre_grid - lo) * np.array(spacing_full)
+        ball = (zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= (1.6 * radius_mm + 1.0) ** 2
+        fg = (smooth > cut) & lung & ball
+        labels, count = ndimage.label(fg)
+        if count == 0:
+            return None
+        # The component at (or nearest to) the centre.
+        lab = labels[tuple(c)]
+        if lab == 0:
+            dist = ndimage.distance_transform_edt(labels == 0, return_indices=True)[1]
+            lab = labels[tuple(dist[:, c[0], c[1], c[2]])]
+        obj = labels == lab
+        # Detach vessels: open with a small ball if that keeps most of the object.
+        opened = ndimage.binary_opening(obj, structure=ndimage.generate_binary_structure(3, 1))
+        if opened.sum() >= 0.5 * obj.sum():
+            lab2, n2 = ndimage.label(opened)
+            if n2:
+                keep = lab2[tuple(c)] or np.argmax(np.bincount(lab2.ravel())[1:]) + 1
+                obj = lab2 == keep
+        solid_share = float((patch[obj] > -300).mean()) if obj.any() else 0.0
+        kind = "solid" if solid_share >= 0.6 else ("ground-glass" if solid_share <= 0.05 else "part-solid")
+        src_mask = grid.mask_to_source(_embed(obj, lo, grid.array.shape)) if not grid.identity else None
+        if src_mask is not None:
+            k_idx = np.flatnonzero(src_mask.any(axis=(1, 2)))
+            if k_idx.size == 0:
+                return None
+            k0 = int(k_idx[0])
+            sub = src_mask[k0 : int(k_idx[-1]) + 1, lo[1] : hi[1], lo[2] : hi[2]]
+            offset = (k0, int(lo[1]), int(lo[2]))
+        else:
+            sub, offset = obj, (int(lo[0]), int(lo[1]), int(lo[2]))
+        return finding_from_mask(
+            volume,
+            sub,
+            score,
+            label=NODULE,
+            site=LUNG,
+            kind=kind,
+            offset=offset,
+            centre_ijk=(float(source[0]), float(source[1]), float(source[2])),
+        )
+
+
+def _embed(obj: np.ndarray, lo: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    full = np.zeros(shape, dtype=bool)
+    full[lo[0] : lo[0] + obj.shape[0], lo[1] : lo[1] + obj.shape[1], lo[2] : lo[2] + obj.shape[2]] = obj
+    return full
+
+
+def _empty_candidates(grid: UniformGrid, factor: int, spacing: tuple[float, float, float], mask: np.ndarray, timings: dict[str, float]) -> Candidates:
+    return Candidates(
+        points=np.zeros((0, 3), dtype=int),
+        features=np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32),
+        radius_mm=np.zeros(0),
+        centre_hu=np.zeros(0),
+        grid=grid,
+        factor=factor,
+        spacing=spacing,
+        mask=mask,
+        lung_level=-850.0,
+        timings=timings,
+    )
+
+
+def _pick_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return str(device)
+
+
+def _features(
+    blobs: ops.BlobResponse, peaks: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The FEATURE_NAMES of every peak; also the radius estimate and the centre density."""
+    n = len(peaks)
+    if n == 0:
+        return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32), np.zeros(0), np.zeros(0)
+    sp = np.array(spacing)
+    idx = tuple(peaks.T)
+    response = blobs.response.cpu().numpy()[idx]
+    s_idx = blobs.scale_index.cpu().numpy()[idx].astype(int)
+    sigmas = np.array(blobs.sigmas_mm)
+    sigma = sigmas[s_idx]
+    radius = sigma * math.sqrt(3.0)
+    smoothed = [s.cpu().numpy() for s in blobs.smoothed]
+    # Hessian at every scale (for the scale profile) and its eigenvalues at the best scale.
+    profile = np.zeros((n, len(sigmas)))
+    lam = np.zeros((n, 3))
+    for s, vol in enumerate(smoothed):
+        eig = ops.hessian_at(vol, peaks, spacing)
+        profile[:, s] = -(sigmas[s] ** 2) * eig.sum(axis=1)
+        sel = s_idx == s
+        lam[sel] = eig[sel]
+    profile = profile / np.maximum(np.abs(profile).max(axis=1, keepdims=True), 1e-6)
+    l1 = np.minimum(lam[:, 0], -1e-6)
+    fine = smoothed[0]
+    centre_fine = fine[idx]
+    centre_scale = np.array([smoothed[s][tuple(p)] for s, p in zip(s_idx, peaks, strict=True)])
+    shells = []
+    for factor in SHELL_FACTORS:
+        pts = peaks[:, None, :] + (radius[:, None, None] * factor * DIRECTIONS[None]) / sp[None, None]
+        flat = pts.reshape(-1, 3)
+        vals = ops.sample(fine, flat).reshape(n, -1)
+        inside = ops.sample(mask.astype(np.float32), flat).reshape(n, -1)
+        shells.append(
+            np.stack(
+                [
+                    vals.mean(1),
+                    vals.max(1),
+                    (vals > -500).mean(1),
+                    (vals > -650).mean(1),
+                    (inside < 0.5).mean(1),
+                ],
+                axis=1,
+            )
+        )
+    feats = np.concatenate(
+        [
+            np.log(np.maximum(response, 1.0))[:, None],
+            np.log(sigma)[:, None],
+            (lam[:, 1] / l1)[:, None],
+            (lam[:, 2] / l1)[:, None],
+            (sigma**2 * -l1 / np.maximum(response, 1.0))[:, None],
+            profile,
+            centre_fine[:, None],
+            centre_scale[:, None],
+            *shells,
+        ],
+        axis=1,
+    ).astype(np.float32)
+    return feats, radius, centre_scale
+
+
+def _suppress(cands: Candidates, which: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Positions (into ``which``) of candidates kept after suppressing those within a better
+    one's radius (non-maximum suppression in mm)."""
+    if len(scores) == 0:
+        return np.zeros(0, dtype=int)
+    pts = cands.points[which] * np.array(cands.spacing)
+    radius = cands.radius_mm[which]
+    order = np.argsort(-scores)
+    tree = cKDTree(pts)
+    suppressed = np.zeros(len(scores), dtype=bool)
+    kept = []
+    for n in order:
+        if suppressed[n]:
+            continue
+        kept.append(n)
+        reach = max(float(radius[n]) * 1.2, 3.0)
+        suppressed[tree.query_ball_point(pts[n], reach)] = True
+    return np.array(kept, dtype=int)

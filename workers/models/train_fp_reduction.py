@@ -1,0 +1,376 @@
+"""Train the false-positive reduction of the built-in ``lung-nodules`` detector on phantoms.
+
+This script produced ``workers/models/weights/lung_nodules_fp.pt`` and its card
+``lung_nodules_fp.json`` (which records the command line, the seeds, the data counts and the
+validation figures). Run it again to reproduce or retrain::
+
+    python -m workers.models.train_fp_reduction \\
+        --train-seeds 1000-1039 --val-seeds 1040-1047 --cache /tmp/fp-cache \\
+        --out workers/models/weights
+
+What it does:
+
+1. For each seed, a phantom (``dicom_node.synth``; 200-300 slices of 512², 0.6-0.8 mm pixels,
+   1 or 1.25 mm slices, 12 nodules of all four kinds, 3-30 mm) is generated, or read from the
+   cache, and the detector's candidates and their features are computed (stages 1-4 of
+   :mod:`workers.models.lung_nodules`). A candidate is positive when it hits a nodule by the
+   LUNA16 criterion (centre within the nodule's radius).
+2. Stage 1 (an MLP over the features) is trained on all candidates of the training seeds.
+3. Stage 2 (a small 3D CNN over patches + features) is trained on the ``top_k`` candidates
+   stage 1 keeps per scan, with flips and in-plane transposes as augmentation.
+4. The whole detector is run on the validation seeds; the FROC and the threshold giving about
+   one false positive per scan are written to the card.
+
+Seeds 9000 and above are reserved for the benchmark (``benchmarks/bench_detect.py``) and are
+refused here, so that the benchmark always measures on phantoms the weights never saw.
+On this project's 2-core machine a run takes about 40 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dicom_node.synth import PhantomSpec, make_phantom
+from workers.evaluate import Candidate, ScanResult, _assign, froc
+from workers.models.lung_nodules import FEATURE_NAMES, Candidates, LungNoduleDetector
+from workers.models.nodule_classifier import FeatureMlp, FpReducer, PatchCnn
+from workers.volume import SourceSlice, Volume, uniform_grid
+
+RESERVED_SEEDS = 9000
+"""Seeds from here on belong to the benchmark."""
+
+
+def phantom_spec(seed: int, nodules: int = 12) -> PhantomSpec:
+    """The training/validation phantom of ``seed`` (geometry drawn in the benchmark's ranges)."""
+    rng = np.random.default_rng(20_000 + seed)
+    return PhantomSpec(
+        seed=seed,
+        slices=int(rng.integers(200, 301)),
+        nodules=nodules,
+        pixel_spacing=float(np.round(rng.uniform(0.6, 0.8), 3)),
+        slice_thickness=float(rng.choice([1.0, 1.25])),
+    )
+
+
+def phantom_volume(hu: np.ndarray, truth: dict[str, Any]) -> Volume:
+    """A :class:`Volume` straight from a phantom's array (no DICOM round trip), sorted like the
+    loader sorts (ascending along the normal, so the phantom's superior-first order flips)."""
+    g = truth["geometry"]
+    px, dz = float(g["pixel_spacing_mm"]), float(g["slice_thickness_mm"])
+    x0, y0, z_top = g["first_position_mm"]
+    k_count = hu.shape[0]
+    array = np.ascontiguousarray(hu[::-1], dtype=np.float32)
+    positions = np.array([[x0, y0, z_top - (k_count - 1 - k) * dz] for k in range(k_count)])
+    affine = np.eye(4)
+    affine[:3, 0] = (0, 0, dz)
+    affine[:3, 1] = (0, px, 0)
+    affine[:3, 2] = (px, 0, 0)
+    affine[:3, 3] = positions[0]
+    return Volume(
+        array=array,
+        slices=[SourceSlice(f"phantom-{k}", "1.2.840.10008.5.1.4.1.1.2", None, None) for k in range(k_count)],
+        positions=positions,
+        orientation=np.array([1.0, 0, 0, 0, 1, 0]),
+        pixel_spacing=(px, px),
+        slice_spacing=dz,
+        affine=affine,
+        study_instance_uid="",
+        series_instance_uid="",
+        frame_of_reference_uid=None,
+        modality="CT",
+    )
+
+
+def load_phantom(seed: int, cache: Path, nodules: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The phantom of ``seed``: from the cache, or generated and cached."""
+    arr_path, truth_path = cache / f"phantom-{seed}.npy", cache / f"phantom-{seed}.json"
+    if arr_path.is_file() and truth_path.is_file():
+        return np.load(arr_path), json.loads(truth_path.read_text())
+    phantom = make_phantom(phantom_spec(seed, nodules))
+    truth = phantom.truth()
+    np.save(arr_path, phantom.hu)
+    truth_path.write_text(json.dumps(truth))
+    return phantom.hu, truth
+
+
+@dataclass
+class ScanData:
+    seed: int
+    features: np.ndarray
+    hit: np.ndarray
+    """Index of the nodule each candidate hits, -1 for none."""
+    centres_mm: np.ndarray
+    truth: dict[str, Any]
+    cands_path: Path
+
+
+def collect(seed: int, cache: Path, detector: LungNoduleDetector, nodules: int) -> ScanData:
+    """Candidates and features of one phantom (cached as ``cands-<seed>.npz``)."""
+    path = cache / f"cands-{seed}.npz"
+    hu, truth = load_phantom(seed, cache, nodules)
+    if not path.is_file():
+        volume = phantom_volume(hu, truth)
+        c = detector.candidates(volume)
+        np.savez_compressed(
+            path,
+            points=c.points,
+            features=c.features,
+            radius_mm=c.radius_mm,
+            centre_hu=c.centre_hu,
+            factor=c.factor,
+            spacing=np.array(c.spacing),
+            mask=np.packbits(c.mask),
+            mask_shape=np.array(c.mask.shape),
+            lung_level=c.lung_level,
+        )
+    data = np.load(path)
+    src = _source_ijk(data["points"], int(data["factor"]))
+    k_count = hu.shape[0]
+    centres = np.array(
+        [_index_to_patient(truth, k_count, p) for p in src], dtype=np.float64
+    ).reshape(-1, 3)
+    hit = _assign(centres, truth["nodules"])
+    return ScanData(seed, data["features"], hit, centres, truth, path)
+
+
+def _source_ijk(points: np.ndarray, factor: int) -> np.ndarray:
+    p = points.astype(np.float64)
+    return np.stack([p[:, 0], p[:, 1] * factor + (factor - 1) / 2, p[:, 2] * factor + (factor - 1) / 2], axis=1)
+
+
+def _index_to_patient(truth: dict[str, Any], k_count: int, ijk: np.ndarray) -> tuple[float, float, float]:
+    g = truth["geometry"]
+    px, dz = float(g["pixel_spacing_mm"]), float(g["slice_thickness_mm"])
+    x0, y0, z_top = g["first_position_mm"]
+    k, j, i = ijk
+    return (x0 + i * px, y0 + j * px, z_top - (k_count - 1 - k) * dz)
+
+
+def rebuild_candidates(data: ScanData, volume: Volume) -> Candidates:
+    """The cached candidates of a scan as a :class:`Candidates` (for patch sampling)."""
+    z = np.load(data.cands_path)
+    shape = tuple(int(v) for v in z["mask_shape"])
+    mask = np.unpackbits(z["mask"])[: int(np.prod(shape))].reshape(shape).astype(bool)
+    return Candidates(
+        points=z["points"],
+        features=z["features"],
+        radius_mm=z["radius_mm"],
+        centre_hu=z["centre_hu"],
+        grid=uniform_grid(volume),
+        factor=int(z["factor"]),
+        spacing=tuple(float(v) for v in z["spacing"]),
+        mask=mask,
+        lung_level=float(z["lung_level"]),
+        timings={},
+    )
+
+
+def train_stage1(scans: list[ScanData], *, epochs: int = 30, seed: int = 0) -> FeatureMlp:
+    torch.manual_seed(seed)
+    x = torch.from_numpy(np.concatenate([s.features for s in scans]).astype(np.float32))
+    y = torch.from_numpy(np.concatenate([(s.hit >= 0) for s in scans]).astype(np.float32))
+    model = FeatureMlp(x.shape[1])
+    model.mean.copy_(x.mean(0))
+    model.std.copy_(x.std(0) + 1e-6)
+    pos = float(y.sum())
+    weight = torch.tensor(min((len(y) - pos) / max(pos, 1.0), 200.0) ** 0.5)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-5)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        total = 0.0
+        for start in range(0, len(y), 4096):
+            idx = order[start : start + 4096]
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(model(x[idx]), y[idx], pos_weight=weight)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        if epoch % 10 == 0 or epoch == epochs - 1:
+            print(f"  stage 1 epoch {epoch}: loss {total / len(y):.4f}", flush=True)
+    return model.eval()
+
+
+def _augment(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    for axis in (2, 3, 4):
+        if torch.rand(1, generator=gen).item() < 0.5:
+            p = p.flip(axis)
+    if torch.rand(1, generator=gen).item() < 0.5:
+        p = p.transpose(3, 4)
+    return p
+
+
+def train_stage2(
+    patches: torch.Tensor, features: np.ndarray, labels: np.ndarray, *, epochs: int = 25, seed: int = 0
+) -> PatchCnn:
+    torch.manual_seed(seed)
+    f = torch.from_numpy(features.astype(np.float32))
+    y = torch.from_numpy(labels.astype(np.float32))
+    model = PatchCnn(f.shape[1])
+    model.mean.copy_(f.mean(0))
+    model.std.copy_(f.std(0) + 1e-6)
+    pos = float(y.sum())
+    weight = torch.tensor(min((len(y) - pos) / max(pos, 1.0), 100.0) ** 0.5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(y), generator=gen)
+        total = 0.0
+        for start in range(0, len(y), 128):
+            idx = order[start : start + 128]
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(model(_augment(patches[idx], gen), f[idx]), y[idx], pos_weight=weight)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        print(f"  stage 2 epoch {epoch}: loss {total / len(y):.4f}", flush=True)
+    return model.eval()
+
+
+def _seeds(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-seeds", default="1000-1039")
+    ap.add_argument("--val-seeds", default="1040-1047")
+    ap.add_argument("--nodules", type=int, default=12, help="nodules per phantom")
+    ap.add_argument("--cache", type=Path, required=True, help="folder for phantoms and candidates")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("weights"))
+    ap.add_argument("--top-k", type=int, default=400)
+    ap.add_argument("--epochs1", type=int, default=30)
+    ap.add_argument("--epochs2", type=int, default=25)
+    ap.add_argument("--target-fp", type=float, default=1.0, help="validation FP/scan at the operating point")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train_seeds, val_seeds = _seeds(args.train_seeds), _seeds(args.val_seeds)
+    if any(s >= RESERVED_SEEDS for s in train_seeds + val_seeds):
+        ap.error(f"seeds from {RESERVED_SEEDS} on are reserved for the benchmark")
+    if set(train_seeds) & set(val_seeds):
+        ap.error("training and validation seeds overlap")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    detector = LungNoduleDetector(weights=None, threshold=0.0)
+    detector._classifier = None  # candidates only; the fallback rule is not used here
+
+    print(f"collecting candidates of {len(train_seeds) + len(val_seeds)} phantoms", flush=True)
+    data: dict[int, ScanData] = {}
+    for seed in train_seeds + val_seeds:
+        t = time.time()
+        data[seed] = collect(seed, args.cache, detector, args.nodules)
+        d = data[seed]
+        print(f"  seed {seed}: {len(d.hit)} candidates, {int((d.hit >= 0).sum())} on nodules, "
+              f"{len(set(d.hit[d.hit >= 0].tolist()))}/{len(d.truth['nodules'])} nodules reachable ({time.time() - t:.1f} s)", flush=True)
+
+    print("stage 1", flush=True)
+    stage1 = train_stage1([data[s] for s in train_seeds], epochs=args.epochs1)
+    reducer = FpReducer(stage1, PatchCnn(len(FEATURE_NAMES)), FEATURE_NAMES, top_k=args.top_k)
+
+    print("stage 2: patches of the top candidates", flush=True)
+    all_patches, all_feats, all_labels = [], [], []
+    recall = []
+    for seed in train_seeds:
+        d = data[seed]
+        hu, truth = load_phantom(seed, args.cache, args.nodules)
+        volume = phantom_volume(hu, truth)
+        cands = rebuild_candidates(d, volume)
+        top = np.argsort(-reducer.stage1_scores(d.features))[: args.top_k]
+        recall.append(len(set(d.hit[top][d.hit[top] >= 0].tolist())) / max(1, len(set(d.hit[d.hit >= 0].tolist()))))
+        all_patches.append(detector.patches(cands, top))
+        all_feats.append(d.features[top])
+        all_labels.append((d.hit[top] >= 0).astype(np.float32))
+        del volume, cands
+    print(f"  stage-1 recall of reachable nodules within top {args.top_k}: {np.mean(recall):.3f}", flush=True)
+    patches = torch.cat(all_patches)
+    feats = np.concatenate(all_feats)
+    labels = np.concatenate(all_labels)
+    print(f"  {len(labels)} patches, {int(labels.sum())} positive", flush=True)
+    stage2 = train_stage2(patches, feats, labels, epochs=args.epochs2)
+    reducer = FpReducer(stage1, stage2, FEATURE_NAMES, top_k=args.top_k)
+
+    print("validation", flush=True)
+    detector._classifier = reducer
+    scans = []
+    for seed in val_seeds:
+        hu, truth = load_phantom(seed, args.cache, args.nodules)
+        result = detector.predict(phantom_volume(hu, truth))
+        scans.append(
+            ScanResult(
+                name=str(seed),
+                nodules=truth["nodules"],
+                candidates=[Candidate(tuple(c["center_mm"]), c["score"]) for c in result.extra["candidates"]],
+                findings=[],
+            )
+        )
+    f_all = froc(scans, lambda n: n["diameter_mm"] >= 4.0)
+    f_solid = froc(scans, lambda n: n["diameter_mm"] >= 5.0 and n["type"] in ("solid", "juxtapleural"))
+    curve = f_all["curve"]
+    threshold = 0.5
+    for fps, thr in zip(curve["fps_per_scan"], curve["threshold"], strict=True):
+        if fps <= args.target_fp:
+            threshold = float(thr)
+    threshold = float(min(max(threshold, 0.05), 0.99))
+    print(f"  all >= 4 mm: {f_all['sensitivity_at']}", flush=True)
+    print(f"  solid >= 5 mm: {f_solid['sensitivity_at']}", flush=True)
+    print(f"  threshold for {args.target_fp} FP/scan: {threshold:.4f}", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    pt_path = args.out / "lung_nodules_fp.pt"
+    torch.save({"stage1": stage1.state_dict(), "stage2": stage2.state_dict()}, pt_path)
+    digest = hashlib.sha256(pt_path.read_bytes()).hexdigest()
+    card = {
+        "file": pt_path.name,
+        "sha256": digest,
+        "version": time.strftime("%Y%m%d"),
+        "features": list(FEATURE_NAMES),
+        "stage1_hidden": 32,
+        "top_k": args.top_k,
+        "threshold": round(threshold, 5),
+        "training": {
+            "command": "python -m workers.models.train_fp_reduction " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "train_seeds": args.train_seeds,
+            "val_seeds": args.val_seeds,
+            "nodules_per_phantom": args.nodules,
+            "candidates": int(sum(len(data[s].hit) for s in train_seeds)),
+            "positive_candidates": int(sum(int((data[s].hit >= 0).sum()) for s in train_seeds)),
+            "stage2_patches": len(labels),
+            "stage2_positive": int(labels.sum()),
+            "torch": torch.__version__,
+            "minutes": round((time.time() - started) / 60, 1),
+        },
+        "validation": {
+            "scans": len(scans),
+            "all_ge_4mm": {k: v for k, v in f_all.items() if k != "curve"},
+            "solid_ge_5mm": {k: v for k, v in f_solid.items() if k != "curve"},
+        },
+    }
+    (args.out / "lung_nodules_fp.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"wrote {pt_path} ({pt_path.stat().st_size} bytes, sha256 {digest[:16]}...)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,14 +9,15 @@ is left as it is, and the ingest path refuses it with a C000-family status.
 from __future__ import annotations
 
 import os
-from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -46,7 +47,7 @@ def ensure_part10(path: Path, spool: Spool, transfer_syntax: str | None = None) 
     meta = _meta_for_bare_dataset(path, transfer_syntax)
     if meta is None:
         return path
-    buffer = BytesIO()
+    buffer = DicomBytesIO()
     write_file_meta_info(buffer, meta, enforce_standard=True)
     return _rewrite(path, spool, _PREAMBLE + b"DICM" + buffer.getvalue())
 
@@ -75,9 +76,9 @@ def _meta_for_bare_dataset(path: Path, transfer_syntax: str | None) -> FileMetaD
     else:
         tsuid = str(ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = tsuid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(tsuid)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return meta
 

@@ -66,6 +66,13 @@ class PartOutcome:
     def stored(self) -> bool:
         return self.status == STATUS_SUCCESS
 
+    def named(self, names: Names) -> PartOutcome:
+        self.sop_class_uid = names.sop_class_uid
+        self.sop_instance_uid = names.sop_instance_uid
+        self.study_instance_uid = names.study_instance_uid
+        self.series_instance_uid = names.series_instance_uid
+        return self
+
 
 @dataclass
 class StowResult:
@@ -288,8 +295,7 @@ class StowSession:
                 STATUS_OUT_OF_RESOURCES,
                 f"instance exceeds the size cap of {self.max_part_bytes} bytes",
                 too_large=True,
-                **names,
-            )
+            ).named(names)
         try:
             path = ensure_part10(part.path, self.spool, part.transfer_syntax)
         except OSError as exc:
@@ -308,8 +314,7 @@ class StowSession:
             study_key=result.study_key,
             new_study=result.new_study,
             duplicate=result.duplicate,
-            **names,
-        )
+        ).named(names)
 
     def _discard_part(self, part: _Part) -> None:
         if part.fd is not None:
@@ -319,27 +324,39 @@ class StowSession:
             self.spool.discard(part.path)
 
 
-def identify(path: Path) -> dict[str, str]:
-    """The UIDs naming an instance, for the response (empty where unreadable or malformed)."""
-    keywords = {
-        "sop_class_uid": "SOPClassUID",
-        "sop_instance_uid": "SOPInstanceUID",
-        "study_instance_uid": "StudyInstanceUID",
-        "series_instance_uid": "SeriesInstanceUID",
-    }
-    out = dict.fromkeys(keywords, "")
+@dataclass(frozen=True)
+class Names:
+    """The UIDs naming an instance in the response (empty where unknown)."""
+
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+
+
+_NAME_KEYWORDS = {
+    "sop_class_uid": "SOPClassUID",
+    "sop_instance_uid": "SOPInstanceUID",
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+}
+
+
+def identify(path: Path) -> Names:
+    """Read the UIDs naming an instance (empty where unreadable or not a valid UID)."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(keywords.values()))
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_NAME_KEYWORDS.values()))
     except Exception:
-        return out
-    for name, keyword in keywords.items():
+        return Names()
+    found: dict[str, str] = {}
+    for name, keyword in _NAME_KEYWORDS.items():
         try:
             value = str(ds.get(keyword, "") or "").rstrip("\x00 ")
         except Exception:
             continue
         if value and uid_problem(value) is None:
-            out[name] = value
-    return out
+            found[name] = value
+    return Names(**found)
 
 
 # -- the response ---------------------------------------------------------------------------

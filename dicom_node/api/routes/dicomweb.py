@@ -73,7 +73,8 @@ def setup(app: FastAPI) -> None:
 
 
 def _backend(request: Request) -> DicomWebBackend:
-    return request.app.state.dicomweb  # type: ignore[no-any-return]
+    backend: DicomWebBackend = request.app.state.dicomweb
+    return backend
 
 
 def _base_url(request: Request) -> str:

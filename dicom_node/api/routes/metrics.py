@@ -34,8 +34,9 @@ def setup(app: FastAPI) -> None:
     # Create the receiver series at zero in this process, so that they exist (and rates work)
     # before the first association arrives.
     m = metrics._receiver_metrics()
-    m.instances.labels(source="dimse")
-    m.bytes.labels(source="dimse")
+    for source in ("dimse", "stow"):
+        m.instances.labels(source=source)
+        m.bytes.labels(source=source)
     for outcome in ("accepted", "rejected"):
         m.associations.labels(outcome=outcome)
 

@@ -306,7 +306,7 @@ def test_models_load_again_in_a_forked_worker(acme_plugin: Path, make_settings: 
 
 
 def test_unknown_model_names_the_available_ones(make_settings: Callable[..., Any]) -> None:
-    with pytest.raises(ModelLoadError, match="unknown model 'nope'.*lung-nodules"):
+    with pytest.raises(ModelLoadError, match=r"unknown model 'nope'.*lung-nodules"):
         registry.get_detector("nope", make_settings())
 
 

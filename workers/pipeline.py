@@ -186,7 +186,7 @@ class JobRunner:
                 chosen = selection.series_instance_uid
                 from workers.volume import load_series
 
-                volume = load_series(files[chosen])
+                volume = load_series(files[chosen], max_voxels=detector.requirements.max_voxels)
             heartbeat.check()
 
             with stages.stage("detect"):
@@ -214,9 +214,7 @@ class JobRunner:
                     "series_instance_uid": chosen,
                     "slices": volume.shape[0],
                     "source": source.name,
-                    "selection": selection.reasons_by_series()
-                    if hasattr(selection, "reasons_by_series")
-                    else {},
+                    "selection": selection.reasons_by_series(),
                 }
                 _write_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True).encode())
             heartbeat.check()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +64,22 @@ def browser() -> Iterator[Browser]:
         b.close()
 
 
-def make_env(tmp_path: Path, database_url: str, redis: RedisServer | None, *, seconds: float, destinations: str = "", env: dict[str, str] | None = None) -> NodeEnv:
+def make_env(
+    tmp_path: Path,
+    database_url: str,
+    redis: RedisServer | None,
+    *,
+    seconds: float,
+    destinations: str = "",
+    env: dict[str, str] | None = None,
+    stable_seconds: float = 1.0,
+) -> NodeEnv:
     (tmp_path / "node").mkdir(exist_ok=True)
     return NodeEnv(
         tmp_path / "node",
         database_url,
         broker_url=redis.url if redis else None,
+        stable_seconds=stable_seconds,
         config_text=CONFIG.format(seconds=seconds, destinations=destinations),
         extra_env={"DICOM_NODE_HTTP__USERS": json.dumps({USER: PASSWORD}), **(env or {})},
     )
@@ -89,6 +100,13 @@ def select_option(browser: Browser, name: str, value: str) -> None:
         s.dispatchEvent(new Event('change', {{ bubbles: true }})); }})()"""
     )
     assert browser.eval(f"document.querySelector('select[name=\"{name}\"]').value") == value, f"no {value!r} in the {name} filter"
+
+
+def set_date(browser: Browser, name: str, value: str) -> None:
+    browser.eval(
+        f"""(() => {{ const i = document.querySelector('input[name="{name}"]'); i.value = {json.dumps(value)};
+        i.dispatchEvent(new Event('change', {{ bubbles: true }})); }})()"""
+    )
 
 
 def box_colour(rgb: np.ndarray) -> np.ndarray:
@@ -153,6 +171,13 @@ def test_dashboard_shows_the_processed_job_with_preview_and_opens_ohif(
         select_option(browser, "model", "test-slow")
         browser.wait_for(f"document.querySelector('{row}') !== null", 15000)
         assert browser.eval("location.search") == "?state=done&model=test-slow"
+        # By creation date (UTC): nothing from tomorrow on; the job on the day it was created.
+        day = job.created_at.date()
+        set_date(browser, "from", (day + timedelta(days=1)).isoformat())
+        browser.wait_for(f"!document.querySelector('{row}') && document.querySelector('#jobs tr.empty') !== null", 15000)
+        set_date(browser, "from", day.isoformat())
+        set_date(browser, "to", day.isoformat())
+        browser.wait_for(f"document.querySelector('{row}') !== null", 15000)
         assert browser.eval("window.__sameDocument === true")
 
         # The job page: preview drawn by the node, with the detection where the finding is.
@@ -268,7 +293,7 @@ def test_cancel_and_retry_from_the_job_page(
 
 
 def test_pages_need_credentials_and_ship_their_assets(tmp_path: Path, sqlite_url: str) -> None:
-    env = make_env(tmp_path, sqlite_url, None, seconds=0.1)
+    env = make_env(tmp_path, sqlite_url, None, seconds=0.1, stable_seconds=120)
     try:
         base = start(env)
         for path in ("/", "/jobs/x", "/static/dashboard.js", "/api/jobs/x/preview.png", "/api/studies"):
@@ -283,6 +308,12 @@ def test_pages_need_credentials_and_ship_their_assets(tmp_path: Path, sqlite_url
         assert requests.get(base + "/static/..%2Ftemplates%2Fbase.html", auth=auth, timeout=10).status_code == 404
         assert requests.get(base + "/jobs/nope", auth=auth, timeout=10).status_code == 404
         assert requests.get(base + "/api/jobs/nope/preview.png", auth=auth, timeout=10).status_code == 404
+        # A study in its quiet period shows as "receiving" before it has a job.
+        env.send(ct_series(tmp_path / "study", slices=3, size=32))
+        (receiving,) = requests.get(base + "/api/studies", auth=auth, timeout=10).json()["receiving"]
+        assert receiving["instances"] == 3
+        page = requests.get(base + "/", auth=auth, timeout=10).text
+        assert receiving["key"][:12] in page and "3 instance(s)" in page
         schema = requests.get(base + "/api/openapi.json", auth=auth, timeout=10).json()
         assert "/api/jobs/{job_id}/preview.png" in schema["paths"] and "/metrics" in schema["paths"]
     finally:

@@ -123,6 +123,12 @@ def test_index_failure_is_a700_and_revokes_the_placed_file(ingestor: Ingestor, t
 # -- the receive sink ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _sink_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap is process-wide (set by each receiver that starts); pin it for these tests."""
+    monkeypatch.setattr(IncomingDataset, "max_bytes", 2**40)
+
+
 def test_sink_keeps_small_datasets_in_memory(tmp_path: Path) -> None:
     sink = IncomingDataset(str(tmp_path))
     for _ in range(10):

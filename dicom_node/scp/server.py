@@ -24,6 +24,7 @@ from dicom_node.ingest import Ingestor
 from dicom_node.scp import incoming
 from dicom_node.scp.contexts import storage_contexts, verification_context
 from dicom_node.scp.handlers import bindings
+from dicom_node.scp.reactor import NodeRequestHandler
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from dicom_node.state import Database
@@ -175,6 +176,7 @@ class Receiver:
             ssl_context=ctx,
             evt_handlers=bindings(self),
             server_class=NodeAssociationServer,
+            request_handler=NodeRequestHandler,
         )
         assert isinstance(server, NodeAssociationServer)
         server.on_tls_failure = self._tls_failed

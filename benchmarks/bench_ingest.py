@@ -45,6 +45,10 @@ from tests.peers import NodeProcess, Orthanc, StoreSCP, wait_until  # noqa: E402
 CACHE = REPO / "benchmarks" / ".cache"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+TARGET_ONE_ASSOCIATION = 250  # instances/s, per receiver process
+TARGET_VS_ORTHANC = 1.5  # four concurrent senders: node rate / Orthanc rate
+TARGET_VS_STORESCP = 2.5  # four concurrent senders: node time / storescp time
+
 
 # -- process CPU ---------------------------------------------------------------------------------
 
@@ -319,6 +323,25 @@ class Table:
                 print(f"  {node} speed / {peer} speed, same round: {_mmm(speedup)}")
         loads = [r.load for rnd in self.rounds for r in rnd.values()]
         print(f"  1-min load average before the runs: {min(loads):.2f}-{max(loads):.2f}")
+        for node in node_names:
+            self._targets(node, names)
+
+    def _targets(self, node: str, names: list[str]) -> None:
+        """The issue's targets, judged on medians and same-round ratios."""
+        runs = [r[node] for r in self.rounds]
+        if self.associations == 1:
+            rate = runs[0].files / statistics.median(r.wall for r in runs)
+            verdict = "met" if rate >= TARGET_ONE_ASSOCIATION else "NOT met"
+            print(f"  target {node}: >= {TARGET_ONE_ASSOCIATION} inst/s over one association: {rate:.0f} ({verdict})")
+            return
+        if "Orthanc" in names:
+            ratio = statistics.median(r["Orthanc"].wall / r[node].wall for r in self.rounds)
+            verdict = "met" if ratio >= TARGET_VS_ORTHANC else "NOT met"
+            print(f"  target {node}: >= {TARGET_VS_ORTHANC}x Orthanc's rate: {ratio:.2f}x ({verdict})")
+        if "storescp" in names:
+            ratio = statistics.median(r[node].wall / r["storescp"].wall for r in self.rounds)
+            verdict = "met" if ratio <= TARGET_VS_STORESCP else "NOT met"
+            print(f"  target {node}: within {TARGET_VS_STORESCP}x of storescp's time: {ratio:.2f}x ({verdict})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,3 +173,18 @@ def test_sink_caps_the_size_and_drops_what_it_had(tmp_path: Path, monkeypatch: p
     assert not Path(sink.name).exists() and sink.buffer == bytearray()
     sink.write(b"c" * 100)  # the rest of the message is drained
     sink.close()
+
+
+@pytest.mark.parametrize("sop", ["1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.16", "1.2.3", "1.22", "2.25." + "9" * 59])
+def test_fast_file_meta_is_byte_identical_to_pydicoms(sop: str) -> None:
+    import io
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    from dicom_node.scp.incoming import _create_file_meta, encode_file_meta
+
+    kw = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "sop_instance_uid": sop, "transfer_syntax": "1.2.840.10008.1.2.4.90"}
+    expected = io.BytesIO()
+    write_file_meta_info(expected, create_file_meta(**kw))
+    assert encode_file_meta(_create_file_meta(**kw)) == expected.getvalue()

@@ -40,7 +40,11 @@ def _receiver_main(settings: Settings, index: int, ready: Any, stop: Any) -> Non
     """Entry point of one receiver process."""
     setup_logging(settings.log)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # A signal handler must not call Event.set(): it runs on the main thread, possibly while
+    # that thread holds the event's internal lock inside wait(), and would deadlock. It only
+    # flips a flag; the loop below polls it.
+    terminated = []
+    signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
     from dicom_node.scp.server import Receiver  # imported here: heavy, and only needed here
 
     try:
@@ -52,7 +56,7 @@ def _receiver_main(settings: Settings, index: int, ready: Any, stop: Any) -> Non
         ready.put((index, "error", f"{type(exc).__name__}: {exc}"))
         return
     ready.put((index, "ready", f"{host}:{port}"))
-    while not stop.wait(0.5):
+    while not terminated and not stop.wait(0.5):
         pass
     receiver.stop(grace=STOP_GRACE_SECONDS)
     db.dispose()
@@ -77,6 +81,7 @@ class NodeService:
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
+        self._signalled = False
         self._ctx = mp.get_context("spawn")
         self._receivers: list[Any] = []
         self._receiver_stop = self._ctx.Event()
@@ -84,7 +89,8 @@ class NodeService:
         self.db: Database | None = None
 
     def request_stop(self, *_: Any) -> None:
-        self._stop.set()
+        # Called from a signal handler: only flip a flag (see _receiver_main for why).
+        self._signalled = True
 
     def run(self) -> int:
         settings = self.settings
@@ -112,7 +118,8 @@ class NodeService:
                 settings.dicom_port,
                 settings.scp.receivers,
             )
-            while not self._stop.wait(0.5):
+            while not self._signalled and not self._stop.is_set():
+                time.sleep(0.5)
                 self._check_receivers()
         finally:
             for component in reversed(started):
@@ -141,6 +148,9 @@ class NodeService:
         # Receivers bind with SO_REUSEPORT, which would silently share the port with any other
         # process doing the same; a plain bind first makes a conflict an error.
         probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        # SO_REUSEADDR: connections of a previous run in TIME_WAIT must not count as "in use";
+        # a socket still listening (with or without SO_REUSEPORT) still makes the bind fail.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

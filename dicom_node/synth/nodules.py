@@ -165,23 +165,40 @@ def _ball_inside(field_: LungField, centre: np.ndarray, radius: float) -> bool:
 def _pleural_point(
     chest: Chest, field_: LungField, rng: np.random.Generator, r: float, z_lo: float, z_hi: float
 ) -> np.ndarray | None:
-    """A centre 0.2-0.6 r inside the costal pleura (lateral, anterior or posterior wall)."""
+    """A centre 0.2-0.6 r inside the costal pleura (lateral, anterior or posterior wall).
+
+    The pleura is found on the exact (analytic) lung surface, not the coarse field, so the
+    nodule really bulges into the lung by 1.2-1.6 radii (a coarse estimate can bury a small
+    nodule in the chest wall, where no reader could see it)."""
     side = rng.choice([-1.0, 1.0])
     z = rng.uniform(z_lo, z_hi)
     angle = rng.uniform(-0.6 * np.pi, 0.6 * np.pi)  # away from the mediastinum
     direction = np.array([side * np.cos(angle), np.sin(angle), 0.0])
     start = np.array([side * chest.lung_cx, chest.lung_cy, z])
-    if field_(start) > -5.0:
+
+    def distance(p: np.ndarray) -> float:
+        return float(chest.lung_distance(np.array(p[0]), np.array(p[1]), float(p[2])))
+
+    if distance(start) > -5.0:
         return None
-    p = start.copy()
+    # March out to the surface, then bisect it to 0.05 mm.
+    inside, step = start.copy(), 2.0
     for _ in range(400):
-        q = p + 0.5 * direction
-        if field_(q) > 0.0:
+        q = inside + step * direction
+        if distance(q) > 0.0:
             break
-        p = q
+        inside = q
     else:
         return None
-    centre = p - direction * r * rng.uniform(0.2, 0.6)
-    if field_(centre) > 0.0 or field_(centre - direction * r) > -1.0:
-        return None  # the lung is too thin here
+    outside = inside + step * direction
+    for _ in range(6):
+        mid = 0.5 * (inside + outside)
+        if distance(mid) > 0.0:
+            outside = mid
+        else:
+            inside = mid
+    depth = r * rng.uniform(0.2, 0.6)
+    centre = inside - direction * depth
+    if distance(centre) > -0.5 * depth or field_(centre - direction * r) > -1.0:
+        return None  # the surface is too oblique here, or the lung too thin
     return centre

@@ -65,6 +65,10 @@ SHELL_FACTORS = (1.25, 1.75, 2.5)
 DETECTION_PIXEL_MM = 1.4
 COARSE_PIXEL_MM = 2.8
 MIN_RESPONSE = 30.0
+CLIP_HU = -500.0
+"""Densities above this are clipped before filtering. Vessels and solid nodules then stand out
+from the lung by the same ~350 HU as ground glass does, so a faint ground-glass nodule next to
+a vessel keeps its own response peak instead of being swamped by the vessel's."""
 DEFAULT_THRESHOLD = 0.5
 MAX_FINDINGS = 20
 FROC_FLOOR = 0.01
@@ -106,6 +110,8 @@ class Candidates:
     """(N, len(FEATURE_NAMES)) float32."""
     radius_mm: np.ndarray
     """(N,) radius estimate from the best scale."""
+    offsets: np.ndarray
+    """(N, 3) sub-voxel position of each peak relative to ``points`` (grid voxels)."""
     centre_hu: np.ndarray
     grid: UniformGrid
     factor: int
@@ -118,7 +124,7 @@ class Candidates:
 
     def source_ijk(self, points: np.ndarray | None = None) -> np.ndarray:
         """(N, 3) fractional (k, j, i) in the source volume of detection-grid points."""
-        p = self.points if points is None else points
+        p = (self.points + self.offsets) if points is None else points
         k = np.asarray(self.grid.to_source_index(p[:, 0].astype(np.float64)), dtype=np.float64)
         j = p[:, 1] * self.factor + (self.factor - 1) / 2
         i = p[:, 2] * self.factor + (self.factor - 1) / 2
@@ -141,6 +147,8 @@ class LungNoduleDetector:
         self.threads = int(options.pop("threads", 0)) or None
         self.max_findings = int(options.pop("max_findings", MAX_FINDINGS))
         self.closing_mm = float(options.pop("closing_mm", 12.0))
+        self.clip_hu = float(options.pop("clip_hu", CLIP_HU))
+        self.min_response = float(options.pop("min_response", MIN_RESPONSE))
         if options:
             raise ValueError(f"unknown options for {NAME}: {sorted(options)}")
         path = Path(weights) if weights else WEIGHTS
@@ -212,7 +220,7 @@ class LungNoduleDetector:
             idx = np.flatnonzero(mask.any(axis=other))
             box.append(slice(max(int(idx[0]) - margin[axis], 0), min(int(idx[-1]) + margin[axis] + 1, mask.shape[axis])))
         crop_mask = torch.from_numpy(np.ascontiguousarray(mask[tuple(box)]))
-        crop = image[tuple(box)].clamp(-1000.0, 150.0)
+        crop = image[tuple(box)].clamp(-1000.0, self.clip_hu)
         lung_level = float(crop[crop_mask].median())
         crop = torch.where(crop_mask, crop, torch.tensor(lung_level)).to(dev)
         timings["prepare"] = time.perf_counter() - t
@@ -222,17 +230,19 @@ class LungNoduleDetector:
         timings["filter"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        peaks = ops.local_maxima(blobs.response.cpu(), crop_mask, MIN_RESPONSE)
+        peaks = ops.local_maxima(blobs.response.cpu(), crop_mask, self.min_response)
         timings["peaks"] = time.perf_counter() - t
 
         t = time.perf_counter()
         feats, radius, centre_hu = _features(blobs, peaks, crop_mask.numpy(), spacing)
+        offsets = ops.refine_peaks(blobs.response, peaks)
         offset = np.array([b.start for b in box])
         timings["features"] = time.perf_counter() - t
         return Candidates(
             points=peaks + offset,
             features=feats,
             radius_mm=radius,
+            offsets=offsets,
             centre_hu=centre_hu,
             grid=grid,
             factor=factor,
@@ -262,7 +272,7 @@ class LungNoduleDetector:
     def patches(self, cands: Candidates, which: np.ndarray) -> torch.Tensor:
         """Stage-2 input patches of the candidates ``which`` (see ``sample_patches``)."""
         f = cands.factor
-        pts = cands.points[which].astype(np.float64)
+        pts = cands.points[which].astype(np.float64) + cands.offsets[which]
         centres = np.stack([pts[:, 0], pts[:, 1] * f + (f - 1) / 2, pts[:, 2] * f + (f - 1) / 2], axis=1)
         px = (cands.spacing[1] / f, cands.spacing[2] / f)
         return sample_patches(
@@ -290,7 +300,7 @@ class LungNoduleDetector:
             scores = scores[kept]
             cands_points = cands.points[keep]
             radius = cands.radius_mm[keep]
-            source = cands.source_ijk(cands_points)
+            source = cands.source_ijk(cands_points + cands.offsets[keep])
             findings: list[Finding] = []
             order = np.argsort(-scores)
             for n in order:
@@ -413,6 +423,7 @@ def _empty_candidates(grid: UniformGrid, factor: int, spacing: tuple[float, floa
         points=np.zeros((0, 3), dtype=int),
         features=np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32),
         radius_mm=np.zeros(0),
+        offsets=np.zeros((0, 3)),
         centre_hu=np.zeros(0),
         grid=grid,
         factor=factor,

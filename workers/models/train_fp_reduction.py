@@ -127,6 +127,7 @@ def collect(seed: int, cache: Path, detector: LungNoduleDetector, nodules: int) 
             points=c.points,
             features=c.features,
             radius_mm=c.radius_mm,
+            offsets=c.offsets,
             centre_hu=c.centre_hu,
             factor=c.factor,
             spacing=np.array(c.spacing),
@@ -135,7 +136,7 @@ def collect(seed: int, cache: Path, detector: LungNoduleDetector, nodules: int) 
             lung_level=c.lung_level,
         )
     data = np.load(path)
-    src = _source_ijk(data["points"], int(data["factor"]))
+    src = _source_ijk(data["points"] + data["offsets"], int(data["factor"]))
     k_count = hu.shape[0]
     centres = np.array(
         [_index_to_patient(truth, k_count, p) for p in src], dtype=np.float64
@@ -166,6 +167,7 @@ def rebuild_candidates(data: ScanData, volume: Volume) -> Candidates:
         points=z["points"],
         features=z["features"],
         radius_mm=z["radius_mm"],
+        offsets=z["offsets"],
         centre_hu=z["centre_hu"],
         grid=uniform_grid(volume),
         factor=int(z["factor"]),

@@ -27,14 +27,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, make_url
@@ -112,7 +112,7 @@ class Ingestor:
             self._lock_fd = os.open(f"{database}.writer-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._insert = sqlite_insert if db.is_sqlite else postgresql_insert
         # Statements built once: building them per instance cost more than executing them.
-        instances, series, studies = Instance.__table__, Series.__table__, Study.__table__
+        instances, series, studies = (cast(Table, m.__table__) for m in (Instance, Series, Study))
         columns = [c.name for c in instances.columns if c.name != "id"]
         self._sql_insert_instance = (
             self._insert(instances)
@@ -446,7 +446,7 @@ class Ingestor:
         if cached is not None:
             return cached[0], False
         created = conn.execute(
-            self._insert(Study.__table__)
+            self._insert(cast(Table, Study.__table__))
             .values(
                 study_key=study_key,
                 study_instance_uid=uid,
@@ -483,7 +483,7 @@ class Ingestor:
         if cached is not None:
             return cached[0]
         conn.execute(
-            self._insert(Series.__table__)
+            self._insert(cast(Table, Series.__table__))
             .values(
                 study_id=study_id,
                 series_key=series_key,
@@ -653,7 +653,7 @@ def _walk(ds: Dataset, depth: int) -> None:
     for elem in ds.elements():
         vr = elem.VR
         if vr is None:  # implicit VR: from the dictionary, or SQ when of undefined length
-            if elem.length == 0xFFFFFFFF:
+            if getattr(elem, "length", 0) == 0xFFFFFFFF:
                 vr = "SQ"
             else:
                 try:

@@ -228,10 +228,10 @@ def install(max_bytes: int) -> bool:
     if not hasattr(dimse_messages, "NamedTemporaryFile"):
         LOGGER.warning("pynetdicom has no NamedTemporaryFile hook; using its own temporary files")
         return False
-    dimse_messages.NamedTemporaryFile = _factory  # type: ignore[attr-defined]
+    dimse_messages.NamedTemporaryFile = _factory  # type: ignore[assignment]
     # The same code path builds the received file's meta with pydicom; these two names are used
     # only there (pynetdicom 3.0 dimse_messages.decode_msg).
     if hasattr(dimse_messages, "create_file_meta") and hasattr(dimse_messages, "write_file_meta_info"):
-        dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
-        dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
+        dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
+        dimse_messages.write_file_meta_info = _write_file_meta_info
     return True

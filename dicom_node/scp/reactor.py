@@ -66,7 +66,7 @@ class NodeDUL(DULServiceProvider):
 
     _wake: tuple[int, int] | None = None
 
-    @property  # type: ignore[override]
+    @property
     def _run_loop_delay(self) -> float:
         # The DUL loop's own sleep becomes a yield: the wait happens in _is_transport_event.
         # Other threads (stop_dul waits on this value) keep pynetdicom's 1 ms.
@@ -106,7 +106,7 @@ class NodeDUL(DULServiceProvider):
             return
         r, _ = self._wake_fds()
         try:
-            ready, _, _ = select.select([sock, r], [], [], IDLE_POLL_SECONDS)
+            ready, _, _ = select.select([sock.fileno(), r], [], [], IDLE_POLL_SECONDS)
         except (OSError, ValueError):
             return
         if r in ready:
@@ -121,7 +121,7 @@ class NodeAssociation(Association):
     def _wait_for_message(self, timeout: float) -> None:
         queue = self.dimse.msg_queue
         with queue.not_empty:
-            if not queue._qsize():  # type: ignore[attr-defined]
+            if not queue._qsize():
                 queue.not_empty.wait(timeout)
 
     def _run_reactor(self) -> None:

@@ -12,7 +12,7 @@ import logging
 from datetime import datetime
 
 from celery import Celery
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 
 from dicom_node.broker import publish_job
 from dicom_node.state import Database, Job, JobState, Outbox, utcnow
@@ -54,16 +54,21 @@ class Dispatcher:
             self.broker_ok = True
             self.last_error = None
             sent += 1
+            sent_at = utcnow()
             with self.db.session() as s:
                 s.query(Outbox).filter(Outbox.id == outbox_id).delete()
-                job = s.get(Job, job_id)
-                if job is not None:
-                    job.dispatch_count = (job.dispatch_count or 0) + 1
-                    if job.state == JobState.WAITING.value:
-                        job.state = JobState.QUEUED.value
-                    if job.state == JobState.QUEUED.value:
-                        job.queued_at = utcnow()
-                    job.updated_at = utcnow()
+                # Conditional, atomic updates: a worker may already have claimed the job in the
+                # moment since the message went out; a read-modify-write here would undo that.
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(dispatch_count=Job.dispatch_count + 1, updated_at=sent_at)
+                )
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state.in_([JobState.WAITING.value, JobState.QUEUED.value]))
+                    .values(state=JobState.QUEUED.value, queued_at=sent_at)
+                )
         return sent
 
     def _broker_failed(self, outbox_id: int, exc: Exception) -> None:

@@ -221,11 +221,13 @@ def retry(db: Database, job_id: str) -> bool:
         job.lease_owner = None
         job.lease_expires_at = None
         job.updated_at = now
+        # Deliver again too (the PACS may have lost the objects); resends are harmless because
+        # the outputs keep their UIDs and bytes.
         for d in job.deliveries:
-            if d.state != DeliveryState.DONE.value:
-                d.state = DeliveryState.PENDING.value
-                d.attempts = 0
-                d.next_attempt_at = None
+            d.state = DeliveryState.PENDING.value
+            d.attempts = 0
+            d.next_attempt_at = None
+            d.last_error = None
         s.add(Outbox(job_id=job_id, task=RUN_JOB_TASK, queue=job.queue, created_at=now, attempts=0))
         return True
 

@@ -13,6 +13,7 @@ import json
 import re
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -186,6 +187,7 @@ class DicomwebProxy:
     * ``"conflict"``: answer 409 with a FailedSOPSequence (reason 45070, "already stored")
       without forwarding, like Microsoft's DICOM service does for an existing instance;
     * an HTTP status such as ``503`` or ``429``: answer it without forwarding;
+    * ``("delay", seconds)``: wait, then forward normally (a slow PACS);
     * ``("partial", reason)``: forward only the first instance, and answer 202 with the others in
       the FailedSOPSequence with that FailureReason (e.g. 0xA700, a full disk; PS3.18 10.5.3).
     """
@@ -275,6 +277,9 @@ class DicomwebProxy:
             )
             return
         headers = {k: v for k, v in h.headers.items() if k.lower() in ("content-type", "accept")}
+        if isinstance(fault, tuple) and fault[0] == "delay":
+            time.sleep(fault[1])  # a slow PACS: forward (and store) only after a pause
+            fault = None
         if isinstance(fault, tuple):
             self._partial(h, headers, body, fault[1])
             return

@@ -86,7 +86,7 @@ def bind_shim() -> Path:
     """Build (once) the LD_PRELOAD library that keeps Orthanc on loopback."""
     CACHE.mkdir(parents=True, exist_ok=True)
     so = CACHE / "bind_lo.so"
-    src = REPO / "tests" / "bind_lo.c"
+    src = REPO / "dicom_node" / "loopback_bind.c"
     if not so.exists() or so.stat().st_mtime < src.stat().st_mtime:
         subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(so), str(src), "-ldl"], check=True)
     return so

@@ -1,5 +1,5 @@
-/* LD_PRELOAD shim: rewrite bind(0.0.0.0 / ::) to loopback, so that peers without a
-   bind-address option (Orthanc 1.10, DCMTK storescp) stay on 127.0.0.1 in tests. */
+/* LD_PRELOAD shim used by `dicom-node demo`: rewrite bind(0.0.0.0 / ::) to loopback, so that a
+   local Orthanc 1.10 (which has no bind-address option) stays on 127.0.0.1. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <netinet/in.h>

@@ -15,17 +15,20 @@ Nothing here logs or raises with patient data: messages name opaque keys and rea
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
 import logging
 import os
+import sqlite3
 import struct
 import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -260,7 +263,7 @@ class Ingestor:
             return self._index(
                 parsed, temp, relative, placed, size, sha, calling_ae_title, source, study_key, series_key
             )
-        except DBAPIError as exc:
+        except (DBAPIError, sqlite3.Error) as exc:
             # The index could not be committed: revoke the file we placed (dcm4chee does the
             # same) so the spool never holds an instance we did not acknowledge.
             if placed:
@@ -298,6 +301,10 @@ class Ingestor:
         for attempt in (1, 2):
             remember: dict[str, tuple[int, str]] = {}
             try:
+                fast = self._sqlite_fast(parsed, placed, row, size, now)
+                if fast is not None:
+                    inserted, new_study = fast, False
+                    break
                 with self._writer(), self.db.engine.begin() as conn:
                     study_id, new_study = self._study_id(
                         conn, parsed, study_key, calling_ae_title, source, now, remember
@@ -323,7 +330,7 @@ class Ingestor:
                     with self._lock:
                         self._ids.update(remember)
                 break
-            except IntegrityError:
+            except (IntegrityError, sqlite3.IntegrityError):
                 # A cached study/series row vanished (deleted by retention): forget the cache
                 # and look the rows up again, once.
                 self._forget(parsed)
@@ -398,6 +405,50 @@ class Ingestor:
             )
         reason = None if status == STATUS_SUCCESS else "a different instance with this SOP Instance UID is stored"
         return IngestResult(status=status, reason=reason, study_key=study_key, duplicate=action)
+
+    def _sqlite_fast(
+        self, parsed: _Parsed, placed: bool, row: dict[str, Any], size: int, now: datetime
+    ) -> bool | None:
+        """The common case on SQLite, in plain DB-API calls: known study and series, new file.
+
+        Returns whether the instance row was inserted (False: a duplicate), or None when the
+        general path must run. SQLAlchemy's per-statement machinery cost ~0.4 ms per instance,
+        more than the three statements themselves; the SQL and the stored values (naive UTC
+        timestamps in SQLAlchemy's SQLite format) are the same as the Core path's.
+        """
+        if not self.db.is_sqlite or not placed:
+            return None
+        study = self._ids.get(parsed.study_instance_uid)
+        series = self._ids.get(parsed.series_instance_uid)
+        if study is None or series is None:
+            return None
+        stamp = now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        values = (
+            series[0], study[0], row["sop_instance_uid"], row["sop_class_uid"],
+            row["transfer_syntax_uid"], row["path"], row["size"], row["sha256"],
+            row["calling_ae_title"], stamp, row["source"], row["number_of_frames"],
+        )
+        with self._writer():
+            raw = self.db.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    cur.execute(_SQLITE_INSERT_INSTANCE, values)
+                    inserted = cur.rowcount == 1
+                    if inserted:
+                        cur.execute(_SQLITE_COUNT_SERIES, (series[0],))
+                        cur.execute(_SQLITE_COUNT_STUDY, (size, stamp, study[0]))
+                    cur.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        cur.execute("ROLLBACK")
+                    raise
+                finally:
+                    cur.close()
+            finally:
+                raw.close()
+        return inserted
 
     @contextmanager
     def _writer(self) -> Iterator[None]:
@@ -582,6 +633,18 @@ def _parse(fh: Any, max_inflated_bytes: int) -> _Parsed:
         dataset_offset=offset,
     )
 
+
+_SQLITE_INSERT_INSTANCE = (
+    "INSERT INTO instances (series_id, study_id, sop_instance_uid, sop_class_uid,"
+    " transfer_syntax_uid, path, size, sha256, calling_ae_title, received_at, source,"
+    " number_of_frames) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (sop_instance_uid) DO NOTHING"
+)
+_SQLITE_COUNT_SERIES = "UPDATE series SET instance_count = instance_count + 1 WHERE id = ?"
+_SQLITE_COUNT_STUDY = (
+    "UPDATE studies SET instance_count = instance_count + 1, total_bytes = total_bytes + ?,"
+    " last_received_at = ?, dirty = 1 WHERE id = ?"
+)
 
 # Transfer syntaxes whose data set is read directly (all but Deflated: pydicom inflates that).
 _ENCODINGS = {

@@ -6,6 +6,8 @@ DCMTK ``storescu`` (TCP_NODELAY=1) to
 * the node (``dicom-node serve``, fsync on, default settings unless ``--receivers``),
 * Orthanc (durable: it fdatasyncs every stored file; TCP_NODELAY=1 in its environment),
 * DCMTK ``storescp`` (TCP_NODELAY=1; it never fsyncs),
+* for reference, a minimal pynetdicom SCP writing raw bytes + fsync (``minimal_scp.py``): the
+  floor any pynetdicom receiver pays before validation, indexing and duplicate handling,
 
 over one association and over four concurrent associations (4 storescu processes x 75 files),
 for several rounds in a rotating order, and prints instances/s, MB/s, sender and receiver CPU and
@@ -212,6 +214,45 @@ class StoreScpReceiver(Receiver):
         return len(self.scp.received)
 
 
+class MinimalScpReceiver(Receiver):
+    """``benchmarks/minimal_scp.py``: pynetdicom writing raw bytes + fsync (the framework floor)."""
+
+    name = "pynetdicom-min"
+    aet = "MINSCP"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.out = workdir / "received"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        from tests.peers import free_port, port_open
+
+        self.port = free_port()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "benchmarks" / "minimal_scp.py"), str(self.port), str(self.out)],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_until(lambda: port_open(self.port), 30, message="minimal pynetdicom SCP")
+
+    def reset(self) -> None:
+        for p in self.out.glob("*.dcm"):
+            p.unlink()
+
+    def stop(self) -> None:
+        from tests.peers import stop_process
+
+        stop_process(self.proc, timeout=10)
+
+    def pids(self) -> list[int]:
+        assert self.proc is not None
+        return [self.proc.pid]
+
+    def count(self) -> int:
+        return len(list(self.out.glob("*.dcm")))
+
+
 # -- one run -------------------------------------------------------------------------------------
 
 
@@ -316,7 +357,7 @@ class Table:
                 f"{1000 * statistics.median(r.receiver_cpu for r in runs) / runs[0].files:>12.2f}"
             )
         for node in node_names:
-            for peer in ("Orthanc", "storescp"):
+            for peer in ("Orthanc", "storescp", "pynetdicom-min"):
                 if peer not in names:
                     continue
                 speedup = [r[peer].wall / r[node].wall for r in self.rounds]
@@ -353,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         default="default",
         help="comma list of receiver-process counts for node variants ('default' = settings default)",
     )
-    parser.add_argument("--only", default="node,orthanc,storescp", help="comma list of receivers")
+    parser.add_argument(
+        "--only",
+        default="node,orthanc,storescp,pynetdicom-min",
+        help="comma list of receivers: node, orthanc, storescp, pynetdicom-min",
+    )
     parser.add_argument("--associations", default="1,4", help="comma list, e.g. 1,4")
     parser.add_argument("--no-fsync", action="store_true", help="node without fsync (diagnostic only)")
     args = parser.parse_args(argv)
@@ -381,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             receivers.append(OrthancReceiver(work / "orthanc"))
         if "storescp" in only:
             receivers.append(StoreScpReceiver(work / "storescp"))
+        if "pynetdicom-min" in only:
+            receivers.append(MinimalScpReceiver(work / "minimal"))
         for r in receivers:
             r.start()
         # One warm-up run each (page cache, imports, first-connection costs).

@@ -33,6 +33,7 @@ class Spool:
 
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.root = Path(root).resolve()
+        self._root_prefix = str(self.root) + os.sep
         self.tmp = self.root / TEMP_DIR_NAME
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
@@ -70,11 +71,15 @@ class Spool:
         return "/".join(keys) + suffix
 
     def path(self, relative: str) -> Path:
-        """Absolute path of a spooled object; refuses anything that leaves the spool."""
-        candidate = (self.root / relative).resolve()
-        if self.root not in candidate.parents:
+        """Absolute path of a spooled object; refuses anything that leaves the spool.
+
+        Checked lexically (``..``, absolute paths): the spool's own tree holds no links, and
+        ``Path.resolve`` cost a ``stat`` per path component on every stored instance.
+        """
+        candidate = os.path.normpath(os.path.join(self.root, relative))
+        if not candidate.startswith(self._root_prefix):
             raise ValueError("path escapes the spool")
-        return candidate
+        return Path(candidate)
 
     def sync_file(self, path: Path) -> None:
         """Make the file's content durable (fdatasync: data and size, not timestamps)."""

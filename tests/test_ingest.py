@@ -188,3 +188,13 @@ def test_fast_file_meta_is_byte_identical_to_pydicoms(sop: str) -> None:
     expected = io.BytesIO()
     write_file_meta_info(expected, create_file_meta(**kw))
     assert encode_file_meta(_create_file_meta(**kw)) == expected.getvalue()
+
+
+@pytest.mark.parametrize("relative", ["../x", "/etc/x", "a/../../x", "", "."])
+def test_spool_refuses_paths_outside_itself(tmp_path: Path, relative: str) -> None:
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(ValueError):
+        spool.path(relative)
+    with pytest.raises(ValueError):
+        Spool.relative_path("ABC", "12")  # keys are lowercase hex, nothing else
+    assert spool.path("ab/cd.dcm") == tmp_path / "spool" / "ab" / "cd.dcm"

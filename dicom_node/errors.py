@@ -45,7 +45,7 @@ class IngestError(DicomNodeError):
         if status is not None:
             self.status = status
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[type, tuple[str, int | None]]:
         return (type(self), (str(self), self.status))
 
 
@@ -89,7 +89,7 @@ class DeliveryError(DicomNodeError):
         super().__init__(message)
         self.status = status
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[type, tuple[str, int | None]]:
         return (type(self), (str(self), self.status))
 
 

@@ -18,9 +18,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, or_, select, update
 
 from dicom_node.broker import DELIVER_TASK, DELIVERY_QUEUE, RUN_JOB_TASK
 from dicom_node.state import Database, Delivery, DeliveryState, Job, JobState, Outbox, Study, utcnow
@@ -103,7 +103,7 @@ def renew(db: Database, job_id: str, owner: str, lease_seconds: float) -> bool:
             .where(Job.id == job_id, Job.lease_owner == owner, Job.state.in_(ACTIVE_STATES))
             .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
         )
-        return bool(result.rowcount)
+        return bool(cast(CursorResult[Any], result).rowcount)
 
 
 def holds(db: Database, job_id: str, owner: str) -> bool:
@@ -121,7 +121,7 @@ def update_job(db: Database, job_id: str, owner: str, **values: Any) -> bool:
             .where(Job.id == job_id, Job.lease_owner == owner, Job.state.in_(ACTIVE_STATES))
             .values(**values)
         )
-        return bool(result.rowcount)
+        return bool(cast(CursorResult[Any], result).rowcount)
 
 
 def finish(

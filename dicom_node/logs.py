@@ -36,9 +36,9 @@ def log_context(*, study_key: str | None = None, job_id: str | None = None) -> I
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "study_key", None) is None:
-            record.study_key = _study_key.get()
+            record.__dict__["study_key"] = _study_key.get()
         if getattr(record, "job_id", None) is None:
-            record.job_id = _job_id.get()
+            record.__dict__["job_id"] = _job_id.get()
         return True
 
 
@@ -50,10 +50,12 @@ class PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         ctx = []
-        if getattr(record, "study_key", None):
-            ctx.append(f"study={record.study_key}")
-        if getattr(record, "job_id", None):
-            ctx.append(f"job={record.job_id}")
+        study_key = getattr(record, "study_key", None)
+        job_id = getattr(record, "job_id", None)
+        if study_key:
+            ctx.append(f"study={study_key}")
+        if job_id:
+            ctx.append(f"job={job_id}")
         line = _one_line(base)
         return f"{line} [{' '.join(ctx)}]" if ctx else line
 

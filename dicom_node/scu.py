@@ -19,7 +19,10 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import time
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from dicom_node.settings import DEFAULT_MAX_PDU
 
@@ -304,7 +307,9 @@ def send_files(
             for index, f in enumerate(batch):
                 if not assoc.is_established:
                     for rest in batch[index:]:
-                        lost = SendOutcome(rest.path, STATUS_NOT_SENT, "association lost", STAGE_LOST)
+                        lost = SendOutcome(
+                            rest.path, STATUS_NOT_SENT, "association lost", STAGE_LOST
+                        )
                         report(lost)
                     break
                 if (f.sop_class_uid, f.transfer_syntax_uid) not in accepted:

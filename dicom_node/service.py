@@ -78,6 +78,8 @@ class NodeService:
     settings: Settings
     extra_components: list[Any] = field(default_factory=list)
     """Objects with ``start()``/``stop()`` started after the receivers (loops, HTTP, workers)."""
+    config_path: str | None = None
+    """The configuration file the node was started with (passed on to embedded workers)."""
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -188,7 +190,9 @@ class NodeService:
     def _check_receivers(self) -> None:
         for proc in self._receivers:
             if not proc.is_alive() and not self._stop.is_set():
-                LOGGER.error("receiver %s exited (code %s); stopping the node", proc.name, proc.exitcode)
+                LOGGER.error(
+                    "receiver %s exited (code %s); stopping the node", proc.name, proc.exitcode
+                )
                 self._stop.set()
 
     def _stop_receivers(self) -> None:

@@ -20,7 +20,7 @@ import pytest
 from dicom_node.state import JobState
 from tests.delivery_peers import DicomwebProxy
 from tests.dicomgen import ct_series
-from tests.peers import REPO, Orthanc, RedisServer, wait_until
+from tests.peers import Orthanc, RedisServer, wait_until
 from tests.pipeline_env import DEFAULT_CONFIG, NodeEnv
 
 pytestmark = pytest.mark.slow

@@ -15,11 +15,13 @@ User = Annotated[str, Depends(authenticate)]
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def get_db(request: Request) -> Database:
-    return request.app.state.db  # type: ignore[no-any-return]
+    db: Database = request.app.state.db
+    return db
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

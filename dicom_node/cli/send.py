@@ -13,12 +13,24 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def send(
         ctx: typer.Context,
-        paths: Annotated[list[Path], typer.Argument(help="Files and folders (searched recursively).")],
-        host: Annotated[str | None, typer.Option(help="Peer host (default: this node's bind address).")] = None,
-        port: Annotated[int | None, typer.Option(help="Peer port (default: this node's DICOM port).")] = None,
-        aet: Annotated[str | None, typer.Option("--aet", "-a", help="Called AE title (default: this node's).")] = None,
-        calling_aet: Annotated[str, typer.Option("--calling-aet", help="Our AE title.")] = "DICOMNODE",
-        json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of a table.")] = False,
+        paths: Annotated[
+            list[Path], typer.Argument(help="Files and folders (searched recursively).")
+        ],
+        host: Annotated[
+            str | None, typer.Option(help="Peer host (default: this node's bind address).")
+        ] = None,
+        port: Annotated[
+            int | None, typer.Option(help="Peer port (default: this node's DICOM port).")
+        ] = None,
+        aet: Annotated[
+            str | None, typer.Option("--aet", "-a", help="Called AE title (default: this node's).")
+        ] = None,
+        calling_aet: Annotated[
+            str, typer.Option("--calling-aet", help="Our AE title.")
+        ] = "DICOMNODE",
+        json_output: Annotated[
+            bool, typer.Option("--json", help="Print a JSON summary instead of a table.")
+        ] = False,
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     ) -> None:
         """Send DICOM files with C-STORE over one association per batch of up to 127 SOP class /
@@ -30,11 +42,24 @@ def register(app: typer.Typer) -> None:
         import json
 
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
         from rich.table import Table
 
         from dicom_node.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, state
-        from dicom_node.scu import STATUS_NOT_SENT, Peer, SendOutcome, collect_files, describe_status, send_files
+        from dicom_node.scu import (
+            STATUS_NOT_SENT,
+            Peer,
+            SendOutcome,
+            collect_files,
+            describe_status,
+            send_files,
+        )
 
         settings = state(ctx).settings()
         target_host = host or ("127.0.0.1" if settings.bind in ("0.0.0.0", "::") else settings.bind)
@@ -82,7 +107,11 @@ def register(app: typer.Typer) -> None:
                         "by_category": dict(categories),
                         "by_status": {describe_status(k): v for k, v in sorted(by_status.items())},
                         "failures": [
-                            {"path": str(o.path), "status": describe_status(o.status), "detail": o.detail}
+                            {
+                                "path": str(o.path),
+                                "status": describe_status(o.status),
+                                "detail": o.detail,
+                            }
                             for o in outcomes
                             if o.category == "failure"
                         ],

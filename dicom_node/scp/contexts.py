@@ -21,8 +21,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AllStoragePresentationContexts
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 COMPRESSED = [
@@ -49,20 +48,16 @@ def accepted_transfer_syntaxes(*, deflated: bool) -> list[str]:
     return [str(s) for s in syntaxes]
 
 
-def storage_contexts(*, deflated: bool) -> list[PresentationContext]:
-    """Every storage SOP class pynetdicom knows (SEG, SR, enhanced multi-frame included)."""
+def storage_contexts(*, deflated: bool) -> list[tuple[str, list[str]]]:
+    """(SOP class, transfer syntaxes) for every storage SOP class pynetdicom knows (SEG, SR,
+    enhanced multi-frame included)."""
     syntaxes = accepted_transfer_syntaxes(deflated=deflated)
-    contexts = []
-    for cx in AllStoragePresentationContexts:
-        new = PresentationContext()
-        new.abstract_syntax = cx.abstract_syntax
-        new.transfer_syntax = syntaxes
-        contexts.append(new)
-    return contexts
+    return [(str(cx.abstract_syntax), syntaxes) for cx in AllStoragePresentationContexts]
 
 
-def verification_context() -> PresentationContext:
-    cx = PresentationContext()
-    cx.abstract_syntax = Verification
-    cx.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
-    return cx
+def verification_context() -> tuple[str, list[str]]:
+    return str(Verification), [
+        str(ExplicitVRLittleEndian),
+        str(ImplicitVRLittleEndian),
+        str(ExplicitVRBigEndian),
+    ]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from dicom_node import audit
@@ -34,7 +35,7 @@ def handle_echo(event: Event) -> int:
 
 def handle_store(event: Event, receiver: Receiver) -> int:
     """C-STORE: validate and store durably, then answer. Success only once on disk + indexed."""
-    request = event.request
+    request = cast(C_STORE, event.request)
     calling = event.assoc.requestor.ae_title.strip()
     expected = {
         "expected_sop_class_uid": str(request.AffectedSOPClassUID or ""),
@@ -86,7 +87,10 @@ def handle_requested(event: Event, receiver: Receiver) -> None:
     allowed = receiver.settings.scp.allowed_callers
     if allowed is None:
         return
-    calling = event.assoc.requestor.primitive.calling_ae_title.strip()
+    primitive = event.assoc.requestor.primitive
+    if primitive is None:
+        return
+    calling = primitive.calling_ae_title.strip()
     host = event.assoc.requestor.address
     if any(c.ae_title == calling and c.allows_host(host) for c in allowed):
         return
@@ -127,7 +131,7 @@ def handle_closed(event: Event, receiver: Receiver) -> None:
     receiver.observe_association("closed")
 
 
-def bindings(receiver: Receiver) -> list[tuple]:  # type: ignore[type-arg]
+def bindings(receiver: Receiver) -> list[tuple[Any, ...]]:
     """The (event, handler, args) list for ``start_server``."""
     return [
         (evt.EVT_C_ECHO, handle_echo),

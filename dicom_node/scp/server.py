@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
@@ -68,11 +68,11 @@ class NodeAssociationServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = self.socket.accept()
+        client, address = cast(socket.socket, self.socket).accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             client.settimeout(self.ae.network_timeout)
@@ -156,10 +156,9 @@ class Receiver:
         ae.network_timeout = scp.network_timeout
         ae.maximum_pdu_size = scp.max_pdu_size
         ae.require_called_aet = scp.require_called_ae_title
-        for cx in storage_contexts(deflated=scp.accept_deflated):
-            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
-        verification = verification_context()
-        ae.add_supported_context(verification.abstract_syntax, verification.transfer_syntax)
+        for abstract_syntax, transfer_syntaxes in storage_contexts(deflated=scp.accept_deflated):
+            ae.add_supported_context(abstract_syntax, transfer_syntaxes)
+        ae.add_supported_context(*verification_context())
         return ae
 
     def start(self, port: int | None = None) -> tuple[str, int]:
@@ -215,7 +214,8 @@ class Receiver:
         active = list(server.active_associations)
         # Stop the accept loop and close the listening socket (not the associations).
         socketserver_shutdown(server)
-        server.socket.close()
+        if server.socket is not None:
+            server.socket.close()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(a.is_alive() for a in active):
             time.sleep(0.05)

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from workers.findings import LUNG, NODULE, DetectionResult, Finding
+from workers.findings import LUNG, NODULE, CodedConcept, DetectionResult, Finding
 from workers.models.base import InputRequirements, ModelInfo
-from workers.findings import CodedConcept
 from workers.volume import Volume
 
 ARTIFICIAL_INTELLIGENCE = CodedConcept("123109", "DCM", "Artificial Intelligence")

@@ -97,6 +97,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "centre_hu_fine",
     "centre_hu_scale",
     *(f"shell{f}_{stat}" for f in SHELL_FACTORS for stat in ("mean", "max", "frac500", "frac650", "outside")),
+    "raw_centre_hu",
+    "raw_mean3_hu",
+    "raw_max5_hu",
 )
 
 
@@ -121,6 +124,8 @@ class Candidates:
     """Lung mask on the detection grid."""
     lung_level: float
     timings: dict[str, float]
+    image: np.ndarray | None = None
+    """The detection grid's HU (unclipped), for shape-aware suppression."""
 
     def source_ijk(self, points: np.ndarray | None = None) -> np.ndarray:
         """(N, 3) fractional (k, j, i) in the source volume of detection-grid points."""
@@ -234,7 +239,7 @@ class LungNoduleDetector:
         timings["peaks"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        feats, radius, centre_hu = _features(blobs, peaks, crop_mask.numpy(), spacing)
+        feats, radius, centre_hu = _features(blobs, peaks, crop_mask.numpy(), spacing, image[tuple(box)])
         offsets = ops.refine_peaks(blobs.response, peaks)
         offset = np.array([b.start for b in box])
         timings["features"] = time.perf_counter() - t
@@ -250,6 +255,7 @@ class LungNoduleDetector:
             mask=mask,
             lung_level=lung_level,
             timings=timings,
+            image=image_np,
         )
 
     def score(self, cands: Candidates) -> tuple[np.ndarray, np.ndarray]:
@@ -295,9 +301,14 @@ class LungNoduleDetector:
             cands = self.candidates(volume)
             t = time.perf_counter()
             which, scores = self.score(cands)
-            kept = _suppress(cands, which, scores)
-            keep = which[kept]
-            scores = scores[kept]
+            keep = which[_suppress(cands, which, scores)]
+            full = np.zeros(len(cands.points))
+            full[which] = scores
+            if cands.image is not None:
+                keep = merge_objects(
+                    cands.points, cands.radius_mm, full, keep, cands.image, cands.mask, cands.spacing, cands.lung_level
+                )
+            scores = full[keep]
             cands_points = cands.points[keep]
             radius = cands.radius_mm[keep]
             source = cands.source_ijk(cands_points + cands.offsets[keep])
@@ -356,8 +367,11 @@ class LungNoduleDetector:
         patch = grid.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
         if patch.size == 0:
             return None
-        lung = cands.mask[lo[0] : hi[0], :, :]
-        lung = np.repeat(np.repeat(lung, factor, axis=1), factor, axis=2)[:, lo[1] : hi[1], lo[2] : hi[2]]
+        # The lung mask (detection grid) under the patch, at full in-plane resolution.
+        r0, c0 = lo[1] // factor, lo[2] // factor
+        lung = cands.mask[lo[0] : hi[0], r0 : hi[1] // factor + 1, c0 : hi[2] // factor + 1]
+        lung = np.repeat(np.repeat(lung, factor, axis=1), factor, axis=2)
+        lung = lung[:, lo[1] - r0 * factor :, lo[2] - c0 * factor :][:, : patch.shape[1], : patch.shape[2]]
         if lung.shape != patch.shape:
             pad = [(0, p - m) for p, m in zip(patch.shape, lung.shape, strict=True)]
             lung = np.pad(lung, pad, mode="edge")
@@ -443,9 +457,17 @@ def _pick_device(device: str | None) -> str:
 
 
 def _features(
-    blobs: ops.BlobResponse, peaks: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float]
+    blobs: ops.BlobResponse,
+    peaks: np.ndarray,
+    mask: np.ndarray,
+    spacing: tuple[float, float, float],
+    raw: torch.Tensor,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The FEATURE_NAMES of every peak; also the radius estimate and the centre density."""
+    """The FEATURE_NAMES of every peak; also the radius estimate and the centre density.
+
+    ``raw`` is the unclipped (HU) image on the same grid: the filter saw densities clipped at
+    CLIP_HU, so the true density (solid versus ground glass, vessel versus bone) comes from here.
+    """
     n = len(peaks)
     if n == 0:
         return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32), np.zeros(0), np.zeros(0)
@@ -473,9 +495,11 @@ def _features(
     shells = []
     for factor in SHELL_FACTORS:
         pts = peaks[:, None, :] + (radius[:, None, None] * factor * DIRECTIONS[None]) / sp[None, None]
-        flat = pts.reshape(-1, 3)
-        vals = ops.sample(fine, flat).reshape(n, -1)
-        inside = ops.sample(mask.astype(np.float32), flat).reshape(n, -1)
+        # Nearest-voxel samples: the shells are statistics over 32 directions, and nearest
+        # sampling is 8 times cheaper than trilinear over ~20 000 candidates.
+        flat = np.clip(np.rint(pts.reshape(-1, 3)).astype(int), 0, np.array(fine.shape) - 1)
+        vals = fine[tuple(flat.T)].reshape(n, -1)
+        inside = mask[tuple(flat.T)].reshape(n, -1).astype(np.float32)
         shells.append(
             np.stack(
                 [
@@ -488,6 +512,9 @@ def _features(
                 axis=1,
             )
         )
+    raw_np = raw.float().numpy()
+    raw_mean3 = np.clip(_neighbourhood(raw_np, peaks, 1), -1024.0, 600.0).mean(axis=1)
+    raw_max5 = np.clip(_neighbourhood(raw_np, peaks, 2), -1024.0, 600.0).max(axis=1)
     feats = np.concatenate(
         [
             np.log(np.maximum(response, 1.0))[:, None],
@@ -499,10 +526,21 @@ def _features(
             centre_fine[:, None],
             centre_scale[:, None],
             *shells,
+            np.clip(raw_np[idx], -1024.0, 600.0)[:, None],
+            raw_mean3[:, None],
+            raw_max5[:, None],
         ],
         axis=1,
     ).astype(np.float32)
     return feats, radius, centre_scale
+
+
+def _neighbourhood(volume: np.ndarray, points: np.ndarray, reach: int) -> np.ndarray:
+    """(N, (2 reach + 1)^3) values of the cube around each point (clamped at the borders)."""
+    d = np.arange(-reach, reach + 1)
+    offsets = np.stack(np.meshgrid(d, d, d, indexing="ij"), axis=-1).reshape(-1, 3)
+    idx = np.clip(points[:, None, :] + offsets[None], 0, np.array(volume.shape) - 1)
+    return volume[idx[..., 0], idx[..., 1], idx[..., 2]]
 
 
 def _suppress(cands: Candidates, which: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -523,3 +561,70 @@ def _suppress(cands: Candidates, which: np.ndarray, scores: np.ndarray) -> np.nd
         reach = max(float(radius[n]) * 1.2, 3.0)
         suppressed[tree.query_ball_point(pts[n], reach)] = True
     return np.array(kept, dtype=int)
+
+
+def merge_objects(
+    points: np.ndarray,
+    radius_mm: np.ndarray,
+    scores: np.ndarray,
+    kept: np.ndarray,
+    image: np.ndarray,
+    mask: np.ndarray,
+    spacing: tuple[float, float, float],
+    lung_level: float,
+    *,
+    min_radius_mm: float = 3.4,
+    max_objects: int = 60,
+) -> np.ndarray:
+    """Drop kept candidates that sit on a better candidate's object (a second, shape-aware NMS).
+
+    A large nodule, especially one on the pleura, gives several peaks on its surface; radius
+    based suppression keeps some of them, and those just outside the nodule's radius count as
+    false positives. For the best ``max_objects`` kept candidates of at least ``min_radius_mm``,
+    the object under the candidate is segmented on the detection grid (half-way between its
+    density and the lung, inside the lung mask grown by one voxel, opened by a ball of 0.4
+    radius so that thinner vessels do not join it), and lower-scored candidates within one voxel
+    of it are dropped. Returns the surviving entries of ``kept`` in score order.
+    """
+    if len(kept) == 0:
+        return kept
+    sp = np.array(spacing)
+    order = kept[np.argsort(-scores[kept])]
+    alive = np.ones(len(order), dtype=bool)
+    pos_mm = points[order] * sp
+    done = 0
+    for a in range(len(order)):
+        if not alive[a]:
+            continue
+        n = order[a]
+        r = float(radius_mm[n])
+        if r < min_radius_mm or done >= max_objects:
+            continue
+        done += 1
+        half = np.ceil((2.0 * r + 4.0) / sp).astype(int)
+        p = points[n]
+        lo = np.maximum(p - half, 0)
+        hi = np.minimum(p + half + 1, np.array(image.shape))
+        box = tuple(slice(int(a_), int(b_)) for a_, b_ in zip(lo, hi, strict=True))
+        sub = image[box]
+        c = p - lo
+        centre = float(sub[max(c[0] - 1, 0) : c[0] + 2, max(c[1] - 1, 0) : c[1] + 2, max(c[2] - 1, 0) : c[2] + 2].mean())
+        cut = float(np.clip(0.5 * (centre + lung_level), -750.0, -300.0))
+        inside = ndimage.binary_dilation(mask[box], iterations=1)
+        fg = (sub > cut) & inside
+        ball_r = np.maximum(np.round(0.4 * r / sp).astype(int), 1)
+        zz, yy, xx = np.ogrid[-ball_r[0] : ball_r[0] + 1, -ball_r[1] : ball_r[1] + 1, -ball_r[2] : ball_r[2] + 1]
+        ball = (zz / max(ball_r[0], 1)) ** 2 + (yy / max(ball_r[1], 1)) ** 2 + (xx / max(ball_r[2], 1)) ** 2 <= 1.0
+        opened = ndimage.binary_opening(fg, structure=ball)
+        labels, _ = ndimage.label(opened)
+        lab = labels[tuple(c)]
+        if lab == 0:
+            continue
+        obj = ndimage.binary_dilation(labels == lab, iterations=1)
+        rel = points[order[a + 1 :]] - lo
+        ok = np.all((rel >= 0) & (rel < np.array(sub.shape)), axis=1)
+        hit = np.zeros(len(rel), dtype=bool)
+        hit[ok] = obj[tuple(rel[ok].T)]
+        near = np.linalg.norm(pos_mm[a + 1 :] - pos_mm[a], axis=1) <= 2.0 * r + 4.0
+        alive[a + 1 :] &= ~(hit & near)
+    return order[alive]

@@ -59,11 +59,11 @@ class PatchCnn(nn.Module):
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
         self.conv = nn.Sequential(
-            nn.Conv3d(2, 12, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
-            nn.Conv3d(12, 24, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
-            nn.Conv3d(24, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
+            nn.Conv3d(2, 16, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+            nn.Conv3d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+            nn.Conv3d(32, 48, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool3d(1),
         )  # fmt: skip
-        self.head = nn.Sequential(nn.Linear(32 + n_features, 48), nn.ReLU(), nn.Linear(48, 1))
+        self.head = nn.Sequential(nn.Linear(48 + n_features, 64), nn.ReLU(), nn.Linear(64, 1))
 
     def forward(self, patches: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         z = self.conv(patches).flatten(1)
@@ -148,6 +148,7 @@ class FpReducer:
         self.version = version
         self.sha256 = sha256
         self.card = card or {}
+        self.views = int(self.card.get("views", 1))
 
     @classmethod
     def load(cls, card_path: Path) -> FpReducer:
@@ -187,12 +188,30 @@ class FpReducer:
         with torch.no_grad():
             return torch.sigmoid(self.stage1(torch.from_numpy(features.astype(np.float32)))).numpy().astype(np.float64)
 
-    def stage2_scores(self, patches: torch.Tensor, features: np.ndarray) -> np.ndarray:
+    def stage2_scores(self, patches: torch.Tensor, features: np.ndarray, *, views: int | None = None) -> np.ndarray:
+        """Stage-2 probabilities; the mean logit over ``views`` mirrored/transposed copies of each
+        patch (test-time augmentation with the symmetries used in training)."""
         if len(features) == 0:
             return np.zeros(0)
+        views = self.views if views is None else views
         out = []
         with torch.no_grad():
             for start in range(0, len(features), 256):
                 f = torch.from_numpy(features[start : start + 256].astype(np.float32))
-                out.append(torch.sigmoid(self.stage2(patches[start : start + 256], f)))
+                p = patches[start : start + 256]
+                logits = torch.stack([self.stage2(_view(p, v), f) for v in range(views)]).mean(0)
+                out.append(torch.sigmoid(logits))
         return torch.cat(out).numpy().astype(np.float64)
+
+
+def _view(p: torch.Tensor, v: int) -> torch.Tensor:
+    """The v-th symmetry of (N, C, K, J, I) patches: identity, mirrors, in-plane transpose."""
+    if v == 0:
+        return p
+    if v == 1:
+        return p.flip(2)
+    if v == 2:
+        return p.flip(3, 4)
+    if v == 3:
+        return p.transpose(3, 4)
+    return p.flip(2, 3).transpose(3, 4)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from dicom_node.synth import PhantomSpec, make_phantom
 from workers.evaluate import Candidate, ScanResult, _assign, froc
+from workers.models import nodule_ops as ops
 from workers.models.lung_nodules import FEATURE_NAMES, Candidates, LungNoduleDetector
 from workers.models.nodule_classifier import FeatureMlp, FpReducer, PatchCnn
 from workers.volume import SourceSlice, Volume, uniform_grid
@@ -175,6 +176,7 @@ def rebuild_candidates(data: ScanData, volume: Volume) -> Candidates:
         mask=mask,
         lung_level=float(z["lung_level"]),
         timings={},
+        image=ops.pool_inplane(torch.from_numpy(volume.array), int(z["factor"])).numpy(),
     )
 
 
@@ -261,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodules", type=int, default=12, help="nodules per phantom")
     ap.add_argument("--cache", type=Path, required=True, help="folder for phantoms and candidates")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("weights"))
-    ap.add_argument("--top-k", type=int, default=400)
+    ap.add_argument("--top-k", type=int, default=500)
     ap.add_argument("--epochs1", type=int, default=30)
-    ap.add_argument("--epochs2", type=int, default=25)
+    ap.add_argument("--epochs2", type=int, default=30)
+    ap.add_argument("--views", type=int, default=4, help="test-time views of each stage-2 patch")
     ap.add_argument("--target-fp", type=float, default=1.0, help="validation FP/scan at the operating point")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -311,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = np.concatenate(all_labels)
     print(f"  {len(labels)} patches, {int(labels.sum())} positive", flush=True)
     stage2 = train_stage2(patches, feats, labels, epochs=args.epochs2)
-    reducer = FpReducer(stage1, stage2, FEATURE_NAMES, top_k=args.top_k)
+    reducer = FpReducer(stage1, stage2, FEATURE_NAMES, top_k=args.top_k, card={"views": args.views})
 
     print("validation", flush=True)
     detector._classifier = reducer
@@ -350,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "features": list(FEATURE_NAMES),
         "stage1_hidden": 32,
         "top_k": args.top_k,
+        "views": args.views,
         "threshold": round(threshold, 5),
         "training": {
             "command": "python -m workers.models.train_fp_reduction " + " ".join(argv if argv is not None else sys.argv[1:]),

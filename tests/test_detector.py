@@ -1,0 +1,142 @@
+"""The built-in lung-nodule detector on small generated phantoms: it finds the nodules (LUNA16
+hit criterion), reports nothing on a nodule-free chest, measures what it finds, maps results
+to the source slices of an unevenly spaced series, and refuses tampered weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_node.cli import main
+from dicom_node.errors import ModelLoadError
+from workers.evaluate import _assign
+from workers.models.lung_nodules import WEIGHTS, LungNoduleDetector
+from workers.volume import Volume, load_series
+
+# A test-sized volume: a real chest's field of view (336 mm) and resolution, 80 mm of it.
+GEOMETRY = ["--slices", "64", "--matrix", "448", "--pixel-size", "0.75", "--thickness", "1.25", "--noise", "20", "--no-progress"]
+
+
+def synth(out: Path, *args: str) -> Path:
+    assert main(["synth", str(out), *GEOMETRY, *args]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def detector() -> LungNoduleDetector:
+    if not WEIGHTS.is_file():
+        pytest.fail(f"the detector's weights are missing ({WEIGHTS}); they ship with the package")
+    return LungNoduleDetector(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def nodule_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth(tmp_path_factory.mktemp("ph") / "nodules", "--seed", "31", "--nodules", "4",
+                 "--nodule-types", "solid,part-solid,juxtapleural", "--min-size", "6", "--max-size", "16")  # fmt: skip
+
+
+def truth_of(folder: Path) -> list[dict]:
+    return json.loads((folder / "truth.json").read_text())["nodules"]
+
+
+def centre_index(volume: Volume, centre_mm: list[float]) -> tuple[int, int, int]:
+    k, j, i = volume.patient_to_index(*centre_mm)
+    return round(k), round(j), round(i)
+
+
+def test_finds_the_nodules_of_a_small_phantom(detector: LungNoduleDetector, nodule_phantom: Path) -> None:
+    volume = load_series(sorted(nodule_phantom.glob("slice_*.dcm")))
+    truth = truth_of(nodule_phantom)
+    assert len(truth) == 4
+    result = detector.predict(volume)
+    centres = np.array([f.center_mm for f in result.findings]).reshape(-1, 3)
+    hits = _assign(centres, truth)
+    assert sorted(set(hits[hits >= 0].tolist())) == list(range(len(truth))), (truth, [f.summary() for f in result.findings])
+    assert int((hits < 0).sum()) <= 1  # at most one false positive on this scan
+    assert [f.confidence for f in result.findings] == sorted((f.confidence for f in result.findings), reverse=True)
+    for finding, hit in zip(result.findings, hits, strict=True):
+        assert finding.mask is not None and finding.mask.shape == volume.shape
+        if hit < 0:
+            continue
+        nodule = truth[hit]
+        k, j, i = centre_index(volume, nodule["center_mm"])
+        # The mask covers the nodule's centre and the key slice cuts through the nodule.
+        assert finding.mask[k, j, i]
+        assert finding.mask[finding.key_slice].any()
+        z_key = volume.positions[finding.key_slice][2]
+        assert abs(z_key - nodule["center_mm"][2]) <= nodule["diameter_mm"] / 2
+        # Long axis and volume of the right order (a mask at a density threshold, not the truth's sphere).
+        assert 0.6 * nodule["diameter_mm"] <= finding.diameter_mm <= 1.8 * nodule["long_axis_mm"] + 2
+        assert 0.3 * nodule["volume_mm3"] <= finding.volume_mm3 <= 3.0 * nodule["volume_mm3"] + 50
+        left, top, right, bottom = finding.bbox_2d
+        rows, cols = np.nonzero(finding.mask[finding.key_slice])
+        assert (left, top, right, bottom) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+        if nodule["type"] in ("solid", "juxtapleural"):
+            assert finding.kind == "solid"
+        assert finding.label.meaning == "Nodule" and finding.site is not None and finding.site.meaning == "Lung"
+    assert result.extra["candidates"], "the scored candidates for the FROC are listed"
+
+
+def test_no_finding_on_a_nodule_free_phantom(detector: LungNoduleDetector, tmp_path: Path) -> None:
+    folder = synth(tmp_path / "clean", "--seed", "32", "--no-nodules")
+    result = detector.predict(load_series(sorted(folder.glob("slice_*.dcm"))))
+    assert result.findings == [], [f.summary() for f in result.findings]
+    assert not result.positive
+
+
+def test_uneven_spacing_maps_results_to_source_slices(detector: LungNoduleDetector, nodule_phantom: Path) -> None:
+    """Every fifth slice missing: the detector resamples to an even grid, and masks and key
+    slices come back on the source slices that show the nodule."""
+    paths = sorted(nodule_phantom.glob("slice_*.dcm"))
+    kept = [p for n, p in enumerate(paths) if n % 5 != 2]
+    volume = load_series(kept)
+    assert not volume.uniform
+    truth = truth_of(nodule_phantom)
+    result = detector.predict(volume)
+    hits = _assign(np.array([f.center_mm for f in result.findings]).reshape(-1, 3), truth)
+    assert len(set(hits[hits >= 0].tolist())) >= len(truth) - 1
+    for finding, hit in zip(result.findings, hits, strict=True):
+        if hit < 0:
+            continue
+        assert finding.mask is not None and finding.mask.shape == volume.shape
+        nodule = truth[hit]
+        slices = np.flatnonzero(finding.mask.any(axis=(1, 2)))
+        z = volume.positions[slices, 2]
+        # Every slice the mask is on lies within the nodule (plus one slice gap).
+        assert np.all(np.abs(z - nodule["center_mm"][2]) <= nodule["long_axis_mm"] / 2 + 2.5)
+
+
+def test_identity_says_reference_detector(detector: LungNoduleDetector) -> None:
+    info = detector.info
+    assert info.name == "lung-nodules"
+    assert "Not a medical device" in info.description
+    card = json.loads(WEIGHTS.read_text())
+    assert info.weights_sha256 == card["sha256"]
+    assert card["version"] in info.version
+    import workers.models.lung_nodules as module
+
+    assert "not a cleared medical device" in (module.__doc__ or "")
+
+
+def test_tampered_weights_are_refused(tmp_path: Path) -> None:
+    card = json.loads(WEIGHTS.read_text())
+    shutil.copy(WEIGHTS, tmp_path / WEIGHTS.name)
+    data = bytearray((WEIGHTS.parent / card["file"]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / card["file"]).write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="refusing to load"):
+        LungNoduleDetector(weights=tmp_path / WEIGHTS.name)
+
+
+def test_a_head_ct_has_no_lungs_and_no_findings(detector: LungNoduleDetector, real_ct: Path) -> None:
+    """The real tilted head CT: no lung mask, hence nothing to report (and no crash on tilt and
+    uneven spacing)."""
+    folder = real_ct / "ge-head-tilt"
+    if not folder.is_dir():
+        pytest.skip("ge-head-tilt not found")
+    result = detector.predict(load_series(sorted(folder.glob("*.dcm"))))
+    assert result.findings == []

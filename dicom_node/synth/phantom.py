@@ -20,6 +20,22 @@ Progress = Callable[[str, float], None]
 """Progress callback: (stage name, fraction of the whole job done 0..1)."""
 
 TRUTH_FORMAT = "dicom-node-synth/1"
+HIDDEN_SHARE = 0.5
+"""A nodule whose inner 0.7 radius is more than this share vessel is hidden (not drawn)."""
+
+
+def _core_vessel_share(tissue: np.ndarray, centre: np.ndarray, radius: float, spacing: np.ndarray) -> float:
+    """Mean vessel coverage (0..1) of the voxels within 0.7 ``radius`` of ``centre`` (grid mm)."""
+    reach = 0.7 * radius
+    lo = np.maximum(np.floor((centre - reach) / spacing).astype(int), 0)
+    hi = np.minimum(np.ceil((centre + reach) / spacing).astype(int) + 1, np.array(tissue.shape))
+    if np.any(hi <= lo):
+        return 0.0
+    axes = [np.arange(a, b) * s - c for a, b, s, c in zip(lo, hi, spacing, centre, strict=True)]
+    zz, yy, xx = np.meshgrid(*axes, indexing="ij", sparse=True)
+    inside = zz**2 + yy**2 + xx**2 <= reach**2
+    box = tissue[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    return float(box[inside].mean() / 255.0) if inside.any() else 0.0
 
 
 @dataclass(frozen=True)
@@ -169,11 +185,17 @@ def make_phantom(spec: PhantomSpec, progress: Progress | None = None) -> Phantom
             report("vessels", 0.33 + 0.32 * s_i / max(1, len(segments)))
     report("vessels", 0.65)
 
-    for nod in nodules:
+    # A nodule whose core lies inside a thicker vessel cannot be seen by anyone: it is not drawn
+    # and not in the truth (the random stream is consumed as if it were, so the rest of the
+    # phantom stays the same).
+    visible = [_core_vessel_share(tissue, grid_mm(np.array(n.center_mm)), n.diameter_mm / 2, spacing) <= HIDDEN_SHARE for n in nodules]
+    for nod, shown in zip(nodules, visible, strict=True):
         centre = grid_mm(np.array(nod.center_mm))
         rot = to_grid @ nod.rotation
         if nod.type in ("ground-glass", "part-solid"):
             fuzzy = edge + float(rng.uniform(1.0, 2.5))
+            if not shown:
+                continue
             hit = raster.blob_coverage(hu.shape, centre, nod.radii, rot, spacing, fuzzy, nod.lobes, nod.lobe_amplitude)
             if hit is not None:
                 raster.paint_towards(hu, hit[0], hit[1], nod.hu)
@@ -185,10 +207,13 @@ def make_phantom(spec: PhantomSpec, progress: Progress | None = None) -> Phantom
                 )
                 if hit is not None:
                     raster.composite_max_u8(tissue, *hit)
-        else:
+        elif shown:
             hit = raster.blob_coverage(hu.shape, centre, nod.radii, rot, spacing, edge, nod.lobes, nod.lobe_amplitude)
             if hit is not None:
                 raster.composite_max_u8(tissue, *hit)
+    nodules = [n for n, shown in zip(nodules, visible, strict=True) if shown]
+    for number, nod in enumerate(nodules, start=1):
+        nod.id = number
     report("nodules", 0.7)
 
     # Composite soft tissue, add correlated noise, store as int16 HU, one slice at a time.

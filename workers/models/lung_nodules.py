@@ -231,7 +231,14 @@ class LungNoduleDetector:
         timings["prepare"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        blobs = ops.blob_response(crop, spacing, SIGMAS_MM)
+        try:
+            blobs = ops.blob_response(crop, spacing, SIGMAS_MM)
+        except torch.cuda.OutOfMemoryError:
+            # The whole-crop FFT does not fit this GPU: finish this study on the CPU.
+            LOGGER.warning("%s: GPU out of memory in the blob filter; running it on the CPU", NAME)
+            torch.cuda.empty_cache()
+            crop = crop.cpu()
+            blobs = ops.blob_response(crop, spacing, SIGMAS_MM)
         timings["filter"] = time.perf_counter() - t
 
         t = time.perf_counter()

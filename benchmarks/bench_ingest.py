@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} not found; run scripts/bootstrap --test", file=sys.stderr)
             return 2
-    files = ct_phantom.generate(CACHE / f"ct{args.slices}", slices=args.slices)
+    files = ct_phantom.generate(CACHE / f"synth{args.slices}", slices=args.slices)
     total = sum(p.stat().st_size for p in files)
     print(f"study: {len(files)} files, {total / 1e6:.1f} MB; cores: {os.cpu_count()}; load: {Path('/proc/loadavg').read_text().strip()}")
 

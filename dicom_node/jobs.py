@@ -142,52 +142,67 @@ def finish(
     )
 
 
-def release_for_retry(db: Database, job_id: str, owner: str, reason: str, delay: float) -> bool:
-    """Give a job back after a transient error: queued again with an outbox record due later."""
+def _hand_back(
+    db: Database,
+    job_id: str,
+    owner: str,
+    *,
+    holding: tuple[str, ...],
+    task: str,
+    queue: str | None,
+    due: datetime,
+    **values: Any,
+) -> bool:
+    """Release our lease and leave an outbox record that wakes the job again at ``due``."""
     now = utcnow()
     with db.session() as s:
         job = s.get(Job, job_id, with_for_update=True)
-        if job is None or job.lease_owner != owner or job.state not in ACTIVE_STATES:
+        if job is None or job.lease_owner != owner or job.state not in holding:
             return False
-        job.state = JobState.QUEUED.value
-        job.reason = reason
+        for name, value in values.items():
+            setattr(job, name, value)
         job.lease_owner = None
         job.lease_expires_at = None
         job.updated_at = now
         s.add(
             Outbox(
                 job_id=job_id,
-                task=RUN_JOB_TASK,
-                queue=job.queue,
-                created_at=now,
-                not_before=now + timedelta(seconds=delay),
-                attempts=0,
-            )
-        )
-        return True
-
-
-def park_for_delivery(db: Database, job_id: str, owner: str, due: datetime) -> bool:
-    """Release a delivering job until its next delivery attempt is due (no worker waits)."""
-    now = utcnow()
-    with db.session() as s:
-        job = s.get(Job, job_id, with_for_update=True)
-        if job is None or job.lease_owner != owner or job.state != JobState.DELIVERING.value:
-            return False
-        job.lease_owner = None
-        job.lease_expires_at = None
-        job.updated_at = now
-        s.add(
-            Outbox(
-                job_id=job_id,
-                task=DELIVER_TASK,
-                queue=DELIVERY_QUEUE,
+                task=task,
+                queue=queue or job.queue,
                 created_at=now,
                 not_before=due,
                 attempts=0,
             )
         )
         return True
+
+
+def release_for_retry(db: Database, job_id: str, owner: str, reason: str, delay: float) -> bool:
+    """Give a job back after a transient error: queued again with an outbox record due later."""
+    return _hand_back(
+        db,
+        job_id,
+        owner,
+        holding=ACTIVE_STATES,
+        task=RUN_JOB_TASK,
+        queue=None,
+        due=utcnow() + timedelta(seconds=delay),
+        state=JobState.QUEUED.value,
+        reason=reason,
+    )
+
+
+def park_for_delivery(db: Database, job_id: str, owner: str, due: datetime) -> bool:
+    """Release a delivering job until its next delivery attempt is due (no worker waits)."""
+    return _hand_back(
+        db,
+        job_id,
+        owner,
+        holding=(JobState.DELIVERING.value,),
+        task=DELIVER_TASK,
+        queue=DELIVERY_QUEUE,
+        due=due,
+    )
 
 
 def cancel(db: Database, job_id: str, reason: str = "cancelled by an operator") -> bool:

@@ -14,7 +14,11 @@ import pytest
 
 from tests.peers import Orthanc, RedisServer, free_port
 
-REAL_CT = Path(os.environ.get("DICOM_NODE_REAL_CT", Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"))
+REAL_CT = Path(
+    os.environ.get(
+        "DICOM_NODE_REAL_CT", Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
+    )
+)
 
 PG_ADMIN_URL = os.environ.get(
     "DICOM_NODE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -25,7 +29,9 @@ PG_ADMIN_URL = os.environ.get(
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never inherit the developer's DICOM_NODE_* settings."""
     for key in list(os.environ):
-        if key.startswith("DICOM_NODE_") and not key.startswith(("DICOM_NODE_TEST_", "DICOM_NODE_REAL_CT")):
+        if key.startswith("DICOM_NODE_") and not key.startswith(
+            ("DICOM_NODE_TEST_", "DICOM_NODE_REAL_CT")
+        ):
             monkeypatch.delenv(key)
 
 
@@ -91,6 +97,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'var' / 'state.sqlite'}"
         return
+    problem = _pg_available()
+    if problem:
+        pytest.skip(problem)
+    url = _pg_create()
+    try:
+        yield url
+    finally:
+        _pg_drop(url)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (for tests about PostgreSQL itself)."""
     problem = _pg_available()
     if problem:
         pytest.skip(problem)

@@ -27,7 +27,7 @@ def test_healthz_follows_the_broker(
     try:
         wait_until(lambda: _health(node)[0] == 200, 30, message="healthy")
         redis_server.kill()
-        status, body = wait_until(
+        _, body = wait_until(
             lambda: (h := _health(node))[0] == 503 and h, 30, message="unhealthy without Redis"
         )
         assert body["status"] == "unhealthy" and body["checks"]["broker"].startswith("error")
@@ -51,7 +51,7 @@ def test_healthz_follows_the_database(tmp_path: Path, postgres_url: str) -> None
             conn.exec_driver_sql(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
             )
-        status, body = wait_until(
+        _, body = wait_until(
             lambda: (h := _health(node))[0] == 503 and h,
             30,
             message="unhealthy without the database",
@@ -71,7 +71,7 @@ def test_healthz_reports_the_spool_floor(tmp_path: Path, sqlite_url: str) -> Non
         {"DICOM_NODE_DATABASE_URL": sqlite_url, "DICOM_NODE_SCP__MIN_FREE_BYTES": str(2**62)},
     ).start()
     try:
-        status, body = wait_until(lambda: (h := _health(node))[0] and h, 30, message="an answer")
+        _, body = wait_until(lambda: (h := _health(node))[0] and h, 30, message="an answer")
         assert status == 503 and body["checks"]["spool"] == "below free-space floor"
     finally:
         node.stop()

@@ -71,7 +71,7 @@ def test_healthz_reports_the_spool_floor(tmp_path: Path, sqlite_url: str) -> Non
         {"DICOM_NODE_DATABASE_URL": sqlite_url, "DICOM_NODE_SCP__MIN_FREE_BYTES": str(2**62)},
     ).start()
     try:
-        _, body = wait_until(lambda: (h := _health(node))[0] and h, 30, message="an answer")
+        status, body = wait_until(lambda: (h := _health(node))[0] and h, 30, message="an answer")
         assert status == 503 and body["checks"]["spool"] == "below free-space floor"
     finally:
         node.stop()

@@ -194,6 +194,9 @@ class WorkerSettings(_Section):
     node_url: str | None = None
     """Base URL of the node's HTTP API for workers that read over WADO-RS."""
     node_token: SecretStr | None = None
+    dciodvfy: bool = True
+    """When dciodvfy (Debian dicom3tools) is installed, require zero errors from it on every SR
+    and SEG before they are stored and sent (in addition to the built-in conformance gate)."""
 
 
 class DestinationSettings(_Section):

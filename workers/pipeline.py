@@ -194,7 +194,7 @@ class JobRunner:
             heartbeat.check()
 
             with stages.stage("encode"):
-                from workers.results import JobContext, encode_results, write_results
+                from workers.results import EncodeOptions, JobContext, encode_results, write_results
 
                 context = JobContext(
                     job_id=job_id,
@@ -205,7 +205,9 @@ class JobRunner:
                     node_name=self.settings.node_name,
                     ae_title=self.settings.ae_title,
                 )
-                objects = encode_results(volume, result, context)
+                objects = encode_results(
+                    volume, result, context, EncodeOptions(dciodvfy=self.settings.worker.dciodvfy)
+                )
                 out_dir = self.settings.results_dir / job_id
                 paths = write_results(objects, out_dir)
                 summary_path = out_dir / "summary.json"

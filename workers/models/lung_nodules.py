@@ -14,16 +14,18 @@ How it works (all on the CPU in about 10 s for a 300 x 512² CT on 2 cores; CUDA
    body, closed per slice and per component so that juxtapleural nodules are inside the mask.
    Outside the mask the image is set to the lung's median HU, so the chest wall, mediastinum
    and bone give no response and a nodule on the pleura becomes a free-standing blob.
-3. **Blob enhancement**: scale-normalised Laplacian of Gaussian at 7 scales (1-8 mm) through
-   the FFT in torch, maximum over scales.
-4. **Candidates**: local maxima of the response inside the lung mask.
-5. **False-positive reduction**: per candidate, 32 features — Hessian eigenvalue ratios
-   (blob vs vessel), the response across scales, densities at the centre and on spherical shells
-   at 1.25, 1.75 and 2.5 radii (an isolated nodule has an empty shell; a vessel crosses it
-   twice, a branch point three times), and the share of each shell outside the lung (pleura)
-   — scored by a small MLP trained on phantoms (``weights/lung_nodules_fp.json``, produced by
-   ``python -m workers.models.train_fp_reduction``). Candidates closer than their radius to a
-   better one are suppressed.
+3. **Blob enhancement**: densities clipped at -500 HU (so ground glass next to a vessel keeps its
+   own peak), then the scale-normalised Laplacian of Gaussian at 7 scales (1-8 mm) through the
+   FFT in torch, maximum over scales.
+4. **Candidates**: local maxima of the response inside the lung mask, refined to sub-voxel.
+5. **False-positive reduction**: per candidate, 35 features — Hessian eigenvalue ratios
+   (blob vs vessel), the response across scales, densities at the centre (unclipped too) and on
+   spherical shells at 1.25, 1.75 and 2.5 radii (an isolated nodule has an empty shell; a vessel
+   crosses it twice, a branch point three times), and the share of each shell outside the lung
+   (pleura) — ranked by an MLP; the best 500 are re-scored by a small 3D CNN over a
+   scale-normalised patch (:mod:`workers.models.nodule_classifier`; weights in
+   ``weights/lung_nodules_fp.pt``, produced by ``python -m workers.models.train_fp_reduction``).
+   Candidates within a better one's radius, or on a better one's segmented object, are dropped.
 6. **Per nodule**: a mask by region growing at a threshold halfway between the nodule's centre
    density and the lung (so ground glass is segmented too), cut to the lung mask and to a
    sphere around the centre; then centre, long-axis diameter on the key slice, volume, and

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,7 +92,9 @@ def test_retry_gives_up_after_max_attempts_and_never_retries_permanent_errors(
 
 STORESCP_FAULTS = [
     # flags, what our timeout is, what the error must say
-    (["--refuse"], 10.0, "association rejected-permanent: no reason given"),
+    # storescp sends A-ASSOCIATE-RJ and closes at once; pynetdicom sometimes sees the close
+    # before it has read the RJ PDU and reports an abort. Either way: transient, retried.
+    (["--refuse"], 10.0, r"association rejected-permanent: no reason given|association aborted by the peer"),
     (["--abort-after"], 3.0, "no response"),  # pynetdicom waits out the DIMSE timeout
     (["--abort-during"], 3.0, "no response"),
     (["--sleep-after", "5"], 1.5, "no response"),  # answers, then sleeps past our DIMSE timeout
@@ -110,7 +113,7 @@ def test_storescp_fault_is_transient_and_a_retry_stores_each_object_once(
     try:
         with pytest.raises(TransientDeliveryError) as err:
             deliver(dest, results)
-        assert expected in str(err.value)
+        assert re.search(expected, str(err.value)), str(err.value)
         report = err.value.report  # type: ignore[attr-defined]
         assert any(o.verdict is Verdict.TRANSIENT for o in report.outcomes)
         assert not any(o.verdict is Verdict.PERMANENT for o in report.outcomes)

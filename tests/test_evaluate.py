@@ -109,7 +109,7 @@ def test_evaluate_command_writes_report_and_plot(tmp_path: Path) -> None:
     rate, the operating point, the breakdowns, runtime and memory per study, and a PNG plot."""
     from dicom_node.cli import main
 
-    common = ["--slices", "48", "--matrix", "448", "--pixel-size", "0.75", "--thickness", "1.25", "--noise", "20"]
+    common = ["--slices", "200", "--matrix", "512", "--pixel-size", "0.7", "--thickness", "1.25", "--noise", "20"]
     _synth(tmp_path / "data" / "a", "--seed", "11", "--nodules", "3", "--nodule-types", "solid", "--min-size", "7", "--max-size", "12", *common)
     _synth(tmp_path / "data" / "b", "--seed", "12", "--no-nodules", *common)
     out = tmp_path / "report"

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,8 +87,13 @@ def place_nodules(
     min_diameter: float = 3.0,
     max_diameter: float = 30.0,
     z_range: tuple[float, float] | None = None,
+    others: Sequence[NoduleTruth] = (),
+    accept: Callable[[np.ndarray, float], bool] | None = None,
 ) -> list[NoduleTruth]:
-    """Draw ``count`` non-overlapping nodules inside the lungs (juxtapleural: at the pleura)."""
+    """Draw ``count`` non-overlapping nodules inside the lungs (juxtapleural: at the pleura).
+
+    ``others`` are nodules already placed (the new ones keep clear of them); ``accept(centre,
+    radius)`` can veto a position (e.g. one buried in a vessel)."""
     weights = np.array([TYPE_WEIGHTS.get(t, 0.1) for t in types])
     weights = weights / weights.sum()
     nodules: list[NoduleTruth] = []
@@ -115,7 +121,12 @@ def place_nodules(
                 )
                 if field_(c) > -(r + 3.0) or not _ball_inside(field_, c, r + 2.0):
                     continue
-            if any(np.linalg.norm(c - np.array(n.center_mm)) < r + n.diameter_mm / 2 + 8.0 for n in nodules):
+            if any(
+                np.linalg.norm(c - np.array(n.center_mm)) < r + n.diameter_mm / 2 + 8.0
+                for n in (*others, *nodules)
+            ):
+                continue
+            if accept is not None and not accept(c, r):
                 continue
             centre = c
             break

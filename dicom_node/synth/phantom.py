@@ -21,10 +21,12 @@ Progress = Callable[[str, float], None]
 
 TRUTH_FORMAT = "dicom-node-synth/1"
 HIDDEN_SHARE = 0.5
-"""A nodule whose inner 0.7 radius is more than this share vessel is hidden (not drawn)."""
+"""A nodule whose inner 0.7 radius is more than this share vessel would be hidden: it is moved."""
 
 
-def _core_vessel_share(tissue: np.ndarray, centre: np.ndarray, radius: float, spacing: np.ndarray) -> float:
+def _core_vessel_share(
+    tissue: np.ndarray, centre: np.ndarray, radius: float, spacing: np.ndarray
+) -> float:
     """Mean vessel coverage (0..1) of the voxels within 0.7 ``radius`` of ``centre`` (grid mm)."""
     reach = 0.7 * radius
     lo = np.maximum(np.floor((centre - reach) / spacing).astype(int), 0)
@@ -149,6 +151,7 @@ def make_phantom(spec: PhantomSpec, progress: Progress | None = None) -> Phantom
 
     count = spec.nodules if spec.nodules is not None else int(rng.integers(4, 9))
     margin = min(10.0, 0.05 * (z_top - z_bottom))
+    z_range = (max(chest.base, z_bottom + margin), min(chest.apex, z_top - margin))
     nodules = place_nodules(
         chest,
         field_,
@@ -157,7 +160,7 @@ def make_phantom(spec: PhantomSpec, progress: Progress | None = None) -> Phantom
         types=spec.nodule_types,
         min_diameter=spec.min_diameter,
         max_diameter=spec.max_diameter,
-        z_range=(max(chest.base, z_bottom + margin), min(chest.apex, z_top - margin)),
+        z_range=z_range,
     )
     noise = spec.noise_hu if spec.noise_hu is not None else float(rng.uniform(15, 35))
     report("anatomy", 0.02)
@@ -185,10 +188,33 @@ def make_phantom(spec: PhantomSpec, progress: Progress | None = None) -> Phantom
             report("vessels", 0.33 + 0.32 * s_i / max(1, len(segments)))
     report("vessels", 0.65)
 
-    # A nodule whose core lies inside a thicker vessel cannot be seen by anyone: it is not drawn
-    # and not in the truth (the random stream is consumed as if it were, so the rest of the
-    # phantom stays the same).
-    visible = [_core_vessel_share(tissue, grid_mm(np.array(n.center_mm)), n.diameter_mm / 2, spacing) <= HIDDEN_SHARE for n in nodules]
+    # A nodule whose core lies inside a thicker vessel could not be seen by anyone: it moves to
+    # a free spot of the same kind and size (drawn from a second stream seeded from the seed, so
+    # the rest of the phantom stays the same); if the lungs have no such spot it is dropped.
+    def clear_of_vessels(centre: np.ndarray, radius: float, vessels: np.ndarray = tissue) -> bool:
+        return _core_vessel_share(vessels, grid_mm(centre), radius, spacing) <= HIDDEN_SHARE
+
+    relocate = np.random.default_rng((spec.seed, 1))
+    visible = []
+    for i, nod in enumerate(nodules):
+        if clear_of_vessels(np.array(nod.center_mm), nod.diameter_mm / 2):
+            visible.append(True)
+            continue
+        moved = place_nodules(
+            chest,
+            field_,
+            relocate,
+            1,
+            types=(nod.type,),
+            min_diameter=nod.diameter_mm,
+            max_diameter=nod.diameter_mm,
+            z_range=z_range,
+            others=[n for j, n in enumerate(nodules) if j != i],
+            accept=clear_of_vessels,
+        )
+        if moved:
+            nodules[i] = moved[0]
+        visible.append(bool(moved))
     for nod, shown in zip(nodules, visible, strict=True):
         centre = grid_mm(np.array(nod.center_mm))
         rot = to_grid @ nod.rotation
@@ -196,22 +222,36 @@ def make_phantom(spec: PhantomSpec, progress: Progress | None = None) -> Phantom
             fuzzy = edge + float(rng.uniform(1.0, 2.5))
             if not shown:
                 continue
-            hit = raster.blob_coverage(hu.shape, centre, nod.radii, rot, spacing, fuzzy, nod.lobes, nod.lobe_amplitude)
+            hit = raster.blob_coverage(
+                hu.shape, centre, nod.radii, rot, spacing, fuzzy, nod.lobes, nod.lobe_amplitude
+            )
             if hit is not None:
                 raster.paint_towards(hu, hit[0], hit[1], nod.hu)
             if nod.type == "part-solid" and nod.solid_core_mm:
                 core_r = nod.solid_core_mm / 2
                 core_radii = nod.radii * (core_r / (nod.diameter_mm / 2))
                 hit = raster.blob_coverage(
-                    hu.shape, centre + nod.core_offset, core_radii, rot, spacing, edge, nod.lobes, nod.lobe_amplitude
+                    hu.shape,
+                    centre + nod.core_offset,
+                    core_radii,
+                    rot,
+                    spacing,
+                    edge,
+                    nod.lobes,
+                    nod.lobe_amplitude,
                 )
                 if hit is not None:
                     raster.composite_max_u8(tissue, *hit)
         elif shown:
-            hit = raster.blob_coverage(hu.shape, centre, nod.radii, rot, spacing, edge, nod.lobes, nod.lobe_amplitude)
+            hit = raster.blob_coverage(
+                hu.shape, centre, nod.radii, rot, spacing, edge, nod.lobes, nod.lobe_amplitude
+            )
             if hit is not None:
                 raster.composite_max_u8(tissue, *hit)
-    nodules = [n for n, shown in zip(nodules, visible, strict=True) if shown]
+    nodules = sorted(
+        (n for n, shown in zip(nodules, visible, strict=True) if shown),
+        key=lambda n: -n.center_mm[2],
+    )
     for number, nod in enumerate(nodules, start=1):
         nod.id = number
     report("nodules", 0.7)

@@ -51,11 +51,13 @@ def lung_components(
     *,
     air_hu: float = -400.0,
     min_lung_ml: float = 15.0,
+    min_total_ml: float = 100.0,
 ) -> np.ndarray:
     """Lung (and airway) air on a coarse grid (K, R, C) with voxel ``spacing`` (mm).
 
     Air below ``air_hu`` that does not touch the in-plane border of the image (air outside the
-    body does) and belongs to a 3D component of at least ``min_lung_ml`` millilitres.
+    body does) and belongs to a 3D component of at least ``min_lung_ml`` millilitres. Less than
+    ``min_total_ml`` of such air in all is not lung (sinuses, mastoids, bowel gas): no mask.
     """
     air = coarse_hu < air_hu
     labels, count = ndimage.label(air)
@@ -69,6 +71,8 @@ def lung_components(
     keep = sizes * voxel_ml >= min_lung_ml
     keep[0] = False
     keep[border] = False
+    if sizes[keep].sum() * voxel_ml < min_total_ml:
+        return np.zeros_like(air)
     return keep[labels]
 
 

@@ -156,14 +156,22 @@ def operating_point(scans: Sequence[ScanResult], select: Select | None = None) -
     }
 
 
+def _size_band(lo: float, hi: float) -> Select:
+    return lambda n: lo <= float(n["diameter_mm"]) < hi
+
+
+def _of_type(t: str) -> Select:
+    return lambda n: str(n.get("type", "unknown")) == t
+
+
 def breakdown(scans: Sequence[ScanResult]) -> dict[str, Any]:
     """Sensitivity by size band and by type: at the operating point, at 1 and 2 FP/scan."""
     out: dict[str, Any] = {"by_size_mm": {}, "by_type": {}}
     groups: list[tuple[str, str, Select]] = [
-        ("by_size_mm", f"{lo:g}-{min(hi, 30):g}", lambda n, lo=lo, hi=hi: lo <= float(n["diameter_mm"]) < hi) for lo, hi in SIZE_BINS
+        ("by_size_mm", f"{lo:g}-{min(hi, 30):g}", _size_band(lo, hi)) for lo, hi in SIZE_BINS
     ]
     types = sorted({str(n.get("type", "unknown")) for s in scans for n in s.nodules})
-    groups += [("by_type", t, lambda n, t=t: str(n.get("type", "unknown")) == t) for t in types]
+    groups += [("by_type", t, _of_type(t)) for t in types]
     for section, name, sel in groups:
         f = froc(scans, sel, rates=(1.0, 2.0))
         if f["nodules"] == 0:
@@ -335,7 +343,7 @@ def evaluate(
         model_version=info.version,
         threshold=getattr(detector, "threshold", None),
         scans=scans,
-        load_average=tuple(round(v, 2) for v in load) if load else None,
+        load_average=(round(load[0], 2), round(load[1], 2), round(load[2], 2)) if load else None,
     )
 
 

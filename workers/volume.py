@@ -548,7 +548,11 @@ def _read_pixels(
         if pixels.shape[-2:] != (rows, cols):
             raise VolumeError("decoded pixel data does not match Rows/Columns")
         for k, f in entries:
-            frame = pixels[f.frame_number - 1] if multi else pixels
+            if multi:
+                assert f.frame_number is not None  # _frames_of numbers every frame of a multi-frame instance
+                frame = pixels[f.frame_number - 1]
+            else:
+                frame = pixels
             if frame.ndim != 2:
                 raise VolumeError("only single-sample (greyscale) images can be loaded")
             np.multiply(frame, f.slope, out=array[k], casting="unsafe")

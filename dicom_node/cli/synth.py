@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import (
             BarColumn,
             Progress,
+            TaskID,
             TaskProgressColumn,
             TextColumn,
             TimeElapsedColumn,
@@ -94,14 +95,14 @@ def register(app: typer.Typer) -> None:
                 )
                 task = bar.add_task(f"seed {s}", total=1.0)
 
-                def report(stage: str, fraction: float, task: int = task, s: int = s) -> None:
+                def report(stage: str, fraction: float, task: TaskID = task, s: int = s) -> None:
                     bar.update(task, completed=fraction, description=f"seed {s}: {stage}")
 
-                phantom = make_phantom(spec, progress=lambda st, fr, r=report: r(st, 0.8 * fr))
+                phantom = make_phantom(spec, progress=lambda st, fr: report(st, 0.8 * fr))
                 if folder.is_dir() and overwrite:
                     for old in folder.glob("slice_*.dcm"):
                         old.unlink()
-                files = write_series(phantom, folder, progress=lambda st, fr, r=report: r(st, 0.8 + 0.2 * fr))
+                files = write_series(phantom, folder, progress=lambda st, fr: report(st, 0.8 + 0.2 * fr))
                 bar.update(task, completed=1.0, description=f"seed {s}: done")
                 kinds = ", ".join(f"{n.type} {n.diameter_mm:.1f} mm" for n in phantom.nodules) or "none"
                 typer.echo(f"{folder}: {len(files.paths)} slices, nodules: {kinds}")

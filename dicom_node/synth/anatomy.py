@@ -94,7 +94,7 @@ class Chest:
         scalar_z = np.ndim(z) == 0
         # A scalar z stays a Python float so that float32 grids are not promoted to float64.
         z = float(z) if scalar_z else np.asarray(z, dtype=np.float64)
-        w = self._profile(z)
+        w: np.ndarray | float = self._profile(z)
         if scalar_z:
             w = float(w)
             if w == 0.0:
@@ -119,7 +119,7 @@ class Chest:
         if scalar_z:
             hs = float(hs)
         if scalar_z and hs == 0.0:
-            heart = np.float32(1e3)
+            heart: np.ndarray | np.float32 = np.float32(1e3)
         else:
             heart = np.where(hs > 0, _ellipse_distance(x, y, hx, hy, hax * hs + 1e-3, hay * hs + 1e-3), 1e3)
         ax_, ay_, ar = self.aorta

@@ -262,7 +262,7 @@ def make_phantom(spec: PhantomSpec, progress: Progress | None = None) -> Phantom
     for k in range(k_count):
         plane = hu[k]
         plane += tissue[k].astype(np.float32) * np.float32(1 / 255) * (np.float32(SOFT) - plane)
-        w = rng.standard_normal((n + 2, n + 2), dtype=np.float32)
+        w: np.ndarray = rng.standard_normal((n + 2, n + 2), dtype=np.float32)
         w = (w[:-2] + 2 * w[1:-1] + w[2:]) / 4
         w = (w[:, :-2] + 2 * w[:, 1:-1] + w[:, 2:]) / 4
         plane += np.float32(white) * w

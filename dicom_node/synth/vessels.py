@@ -89,8 +89,8 @@ def grow_trees(
             (0.6, 1.0, -0.3), (0.7, 0.3, -0.8), (0.6, -0.6, 0.8), (0.5, 0.8, 0.7),
             (0.8, -0.5, -0.6), (0.4, 0.2, 1.0), (0.5, -0.2, -1.0),
         ]
-        for d in directions:
-            dv = _unit(np.array([side * d[0], d[1], d[2]]) + rng.normal(0, 0.15, 3))
+        for dx, dy, dz in directions:
+            dv = _unit(np.array([side * dx, dy, dz]) + rng.normal(0, 0.15, 3))
             start = entry - side * np.array([6.0, 0, 0]) + rng.normal(0, 3.0, 3) * np.array([0, 1, 1])
             queue.append((start, dv, float(rng.uniform(3.5, 6.0))))
 

@@ -39,6 +39,9 @@ HU_LOW, HU_HIGH = -1000.0, 200.0
 class FeatureMlp(nn.Module):
     """Stage 1: standardised features -> logit."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, n_features: int, hidden: int = 32) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))
@@ -53,6 +56,9 @@ class FeatureMlp(nn.Module):
 
 class PatchCnn(nn.Module):
     """Stage 2: (N, 2, 16, 16, 16) patches + standardised features -> logit."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, n_features: int) -> None:
         super().__init__()

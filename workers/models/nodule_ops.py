@@ -118,7 +118,7 @@ def lung_mask(
     lungs_c = lung_components(coarse_hu, coarse_spacing, air_hu=air_hu)
     lungs_c = ndimage.binary_dilation(lungs_c, iterations=1)
     up = np.repeat(np.repeat(lungs_c, factor, axis=1), factor, axis=2)
-    full = np.zeros(image_hu.shape, dtype=bool)
+    full: np.ndarray = np.zeros(image_hu.shape, dtype=bool)
     r = min(up.shape[1], full.shape[1])
     c = min(up.shape[2], full.shape[2])
     full[:, :r, :c] = up[:, :r, :c]
@@ -212,7 +212,7 @@ def refine_peaks(response: torch.Tensor | np.ndarray, peaks: np.ndarray) -> np.n
 
 
 def hessian_at(
-    smoothed: torch.Tensor, points: np.ndarray, spacing: tuple[float, float, float]
+    smoothed: torch.Tensor | np.ndarray, points: np.ndarray, spacing: tuple[float, float, float]
 ) -> np.ndarray:
     """(N, 3) eigenvalues (ascending) of the Hessian of ``smoothed`` at integer ``points``
     (central differences, in HU/mm²)."""

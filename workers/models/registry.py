@@ -25,7 +25,7 @@ import inspect
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -59,7 +59,7 @@ def _entry_point_factories() -> dict[str, Any]:
 
 def _call_factory(factory: Callable[..., Any], cfg: ModelSettings | None, device: str) -> Any:
     try:
-        params = inspect.signature(factory).parameters
+        params: Mapping[str, inspect.Parameter] = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     offered = {"device": device, "threshold": cfg.threshold if cfg else None, "options": dict(cfg.options) if cfg else {}}

@@ -297,7 +297,8 @@ class TorchScriptDetector:
     def _run_tiles(self, x: torch.Tensor, tile: tuple[int, int, int]) -> torch.Tensor:
         """Sliding-window inference over (K, J, I) -> (C, K, J, I) probabilities on the CPU."""
         shape = tuple(x.shape)
-        tile = tuple(min(t, s) for t, s in zip(tile, shape, strict=True))
+        t0, t1, t2 = (min(t, s) for t, s in zip(tile, shape, strict=True))
+        tile = (t0, t1, t2)
         overlap = tuple(min(o, max(t // 2, 0)) for o, t in zip(self.card.overlap, tile, strict=True))
         starts = []
         for axis in range(3):
@@ -349,7 +350,8 @@ class TorchScriptDetector:
                     raise ModelError(f"model {self.card.name} failed: {type(exc).__name__}: {exc}") from exc
                 if self.device.startswith("cuda"):
                     torch.cuda.empty_cache()
-                smaller = tuple(max(m, t // 2) for t, m in zip(tile, self.card.min_tile, strict=True))
+                m0, m1, m2 = (max(m, t // 2) for t, m in zip(tile, self.card.min_tile, strict=True))
+                smaller = (m0, m1, m2)
                 if smaller == tile:
                     raise ModelError(
                         f"model {self.card.name}: out of memory on {self.device} even with {tile} tiles"
@@ -384,7 +386,7 @@ class TorchScriptDetector:
                     continue
                 confidence = float(p[box][comp].max())
                 if grid.identity:
-                    sub, offset = comp, tuple(int(b.start) for b in box)
+                    sub, offset = comp, (int(box[0].start), int(box[1].start), int(box[2].start))
                 else:
                     full = np.zeros(grid.array.shape, dtype=bool)
                     full[box] = comp

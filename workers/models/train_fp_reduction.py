@@ -162,6 +162,7 @@ def _index_to_patient(truth: dict[str, Any], k_count: int, ijk: np.ndarray) -> t
 def rebuild_candidates(data: ScanData, volume: Volume) -> Candidates:
     """The cached candidates of a scan as a :class:`Candidates` (for patch sampling)."""
     z = np.load(data.cands_path)
+    sp = z["spacing"]
     shape = tuple(int(v) for v in z["mask_shape"])
     mask = np.unpackbits(z["mask"])[: int(np.prod(shape))].reshape(shape).astype(bool)
     return Candidates(
@@ -172,7 +173,7 @@ def rebuild_candidates(data: ScanData, volume: Volume) -> Candidates:
         centre_hu=z["centre_hu"],
         grid=uniform_grid(volume),
         factor=int(z["factor"]),
-        spacing=tuple(float(v) for v in z["spacing"]),
+        spacing=(float(sp[0]), float(sp[1]), float(sp[2])),
         mask=mask,
         lung_level=float(z["lung_level"]),
         timings={},

@@ -18,7 +18,7 @@ How it works (all on the CPU in about 10 s for a 300 x 512² CT on 2 cores; CUDA
    own peak), then the scale-normalised Laplacian of Gaussian at 7 scales (1-8 mm) through the
    FFT in torch, maximum over scales.
 4. **Candidates**: local maxima of the response inside the lung mask, refined to sub-voxel.
-5. **False-positive reduction**: per candidate, 35 features — Hessian eigenvalue ratios
+5. **False-positive reduction**: per candidate, 32 features — Hessian eigenvalue ratios
    (blob vs vessel), the response across scales, densities at the centre (unclipped too) and on
    spherical shells at 1.25, 1.75 and 2.5 radii (an isolated nodule has an empty shell; a vessel
    crosses it twice, a branch point three times), and the share of each shell outside the lung

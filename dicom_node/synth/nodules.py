@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from dicom_node.synth.anatomy import Chest
-from dicom_node.synth.vessels import LungField
+from dicom_node.synth.vessels import LungField, Segment
 
 NODULE_TYPES = ("solid", "part-solid", "ground-glass", "juxtapleural")
 TYPE_WEIGHTS = {"solid": 0.4, "part-solid": 0.15, "ground-glass": 0.2, "juxtapleural": 0.25}
@@ -213,3 +213,43 @@ def _pleural_point(
     if distance(centre) > -0.5 * depth or field_(centre - direction * r) > -1.0:
         return None  # the surface is too oblique here, or the lung too thin
     return centre
+
+
+def beside_vessel(
+    nodule: NoduleTruth,
+    segments: Sequence[Segment],
+    field_: LungField,
+    rng: np.random.Generator,
+    *,
+    others: Sequence[NoduleTruth] = (),
+    accept: Callable[[np.ndarray, float], bool] | None = None,
+    tries: int = 300,
+) -> NoduleTruth | None:
+    """``nodule`` moved so that it touches a vessel of similar calibre (a juxtavascular nodule,
+    the hardest kind for a blob detector), or ``None`` when no such spot is found."""
+    r = nodule.diameter_mm / 2
+    calibre = [s for s in segments if 0.3 * r <= 0.5 * (s.ra + s.rb) <= 1.5 * r and 0.5 * (s.ra + s.rb) >= 0.7]
+    if not calibre:
+        return None
+    for _ in range(tries):
+        seg = calibre[int(rng.integers(len(calibre)))]
+        t = float(rng.uniform(0.1, 0.9))
+        axis = seg.b - seg.a
+        length = float(np.linalg.norm(axis))
+        if length < 1e-6:
+            continue
+        axis = axis / length
+        side = np.cross(axis, rng.normal(size=3))
+        if np.linalg.norm(side) < 1e-6:
+            continue
+        side /= np.linalg.norm(side)
+        vessel_r = seg.ra + t * (seg.rb - seg.ra)
+        c = seg.a + t * length * axis + side * (vessel_r + 0.7 * r)
+        if field_(c) > -(r + 3.0) or not _ball_inside(field_, c, r + 2.0):
+            continue
+        if any(np.linalg.norm(c - np.array(n.center_mm)) < r + n.diameter_mm / 2 + 8.0 for n in others):
+            continue
+        if accept is not None and not accept(c, r):
+            continue
+        return replace(nodule, center_mm=(float(c[0]), float(c[1]), float(c[2])))
+    return None

@@ -13,7 +13,7 @@ import numpy as np
 
 from dicom_node.synth import raster
 from dicom_node.synth.anatomy import BONE, SOFT, Chest
-from dicom_node.synth.nodules import NODULE_TYPES, NoduleTruth, place_nodules
+from dicom_node.synth.nodules import NODULE_TYPES, NoduleTruth, beside_vessel, place_nodules
 from dicom_node.synth.vessels import LungField, grow_trees
 
 Progress = Callable[[str, float], None]
@@ -58,6 +58,9 @@ class PhantomSpec:
     noise_hu: float | None = None
     """Standard deviation of the image noise; None draws 15-35 HU from the seed."""
     vessels: bool = True
+    juxtavascular: float = 0.0
+    """Share of the nodules (juxtapleural ones excepted) moved to touch a vessel of similar
+    calibre: hard examples for training. 0 leaves placement to chance, as in the benchmark."""
     patient_name: str = "SYNTH^PHANTOM"
     patient_id: str | None = None
     """Defaults to ``SYNTH-<seed>``."""
@@ -70,6 +73,8 @@ class PhantomSpec:
         unknown = set(self.nodule_types) - set(NODULE_TYPES)
         if unknown or not self.nodule_types:
             raise ValueError(f"nodule types must be among {', '.join(NODULE_TYPES)}")
+        if not 0.0 <= self.juxtavascular <= 1.0:
+            raise ValueError("juxtavascular is a share between 0 and 1")
         if not 0 < self.min_diameter <= self.max_diameter:
             raise ValueError("need 0 < min_diameter <= max_diameter")
 
@@ -193,6 +198,17 @@ def make_phantom(spec: PhantomSpec, progress: Progress | None = None) -> Phantom
     # the rest of the phantom stays the same); if the lungs have no such spot it is dropped.
     def clear_of_vessels(centre: np.ndarray, radius: float, vessels: np.ndarray = tissue) -> bool:
         return _core_vessel_share(vessels, grid_mm(centre), radius, spacing) <= HIDDEN_SHARE
+
+    if spec.juxtavascular > 0 and segments:
+        near = np.random.default_rng((spec.seed, 2))
+        for i, nod in enumerate(nodules):
+            if nod.juxtapleural or near.random() >= spec.juxtavascular:
+                continue
+            moved_to = beside_vessel(
+                nod, segments, field_, near, others=[n for j, n in enumerate(nodules) if j != i], accept=clear_of_vessels
+            )
+            if moved_to is not None:
+                nodules[i] = moved_to
 
     relocate = np.random.default_rng((spec.seed, 1))
     visible = []

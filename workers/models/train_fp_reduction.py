@@ -52,8 +52,9 @@ RESERVED_SEEDS = 9000
 """Seeds from here on belong to the benchmark."""
 
 
-def phantom_spec(seed: int, nodules: int = 12) -> PhantomSpec:
-    """The training/validation phantom of ``seed`` (geometry drawn in the benchmark's ranges)."""
+def phantom_spec(seed: int, nodules: int = 12, juxtavascular: float = 0.0) -> PhantomSpec:
+    """The training/validation phantom of ``seed`` (geometry drawn in the benchmark's ranges;
+    ``juxtavascular``: share of nodules placed against a vessel, as hard examples)."""
     rng = np.random.default_rng(20_000 + seed)
     return PhantomSpec(
         seed=seed,
@@ -61,6 +62,7 @@ def phantom_spec(seed: int, nodules: int = 12) -> PhantomSpec:
         nodules=nodules,
         pixel_spacing=float(np.round(rng.uniform(0.6, 0.8), 3)),
         slice_thickness=float(rng.choice([1.0, 1.25])),
+        juxtavascular=juxtavascular,
     )
 
 
@@ -93,12 +95,12 @@ def phantom_volume(hu: np.ndarray, truth: dict[str, Any]) -> Volume:
     )
 
 
-def load_phantom(seed: int, cache: Path, nodules: int) -> tuple[np.ndarray, dict[str, Any]]:
+def load_phantom(seed: int, cache: Path, nodules: int, juxtavascular: float = 0.0) -> tuple[np.ndarray, dict[str, Any]]:
     """The phantom of ``seed``: from the cache, or generated and cached."""
     arr_path, truth_path = cache / f"phantom-{seed}.npy", cache / f"phantom-{seed}.json"
     if arr_path.is_file() and truth_path.is_file():
         return np.load(arr_path), json.loads(truth_path.read_text())
-    phantom = make_phantom(phantom_spec(seed, nodules))
+    phantom = make_phantom(phantom_spec(seed, nodules, juxtavascular))
     truth = phantom.truth()
     np.save(arr_path, phantom.hu)
     truth_path.write_text(json.dumps(truth))
@@ -116,10 +118,10 @@ class ScanData:
     cands_path: Path
 
 
-def collect(seed: int, cache: Path, detector: LungNoduleDetector, nodules: int) -> ScanData:
+def collect(seed: int, cache: Path, detector: LungNoduleDetector, nodules: int, juxtavascular: float = 0.0) -> ScanData:
     """Candidates and features of one phantom (cached as ``cands-<seed>.npz``)."""
     path = cache / f"cands-{seed}.npz"
-    hu, truth = load_phantom(seed, cache, nodules)
+    hu, truth = load_phantom(seed, cache, nodules, juxtavascular)
     if not path.is_file():
         volume = phantom_volume(hu, truth)
         c = detector.candidates(volume)
@@ -262,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seeds", default="1000-1039")
     ap.add_argument("--val-seeds", default="1040-1047")
     ap.add_argument("--nodules", type=int, default=12, help="nodules per phantom")
+    ap.add_argument(
+        "--juxtavascular",
+        type=float,
+        default=0.0,
+        help="share of training nodules placed against a vessel (hard examples; validation phantoms keep natural placement)",
+    )
     ap.add_argument("--cache", type=Path, required=True, help="folder for phantoms and candidates")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("weights"))
     ap.add_argument("--top-k", type=int, default=500)
@@ -286,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[int, ScanData] = {}
     for seed in train_seeds + val_seeds:
         t = time.time()
-        data[seed] = collect(seed, args.cache, detector, args.nodules)
+        share = args.juxtavascular if seed in train_seeds else 0.0
+        data[seed] = collect(seed, args.cache, detector, args.nodules, share)
         d = data[seed]
         print(f"  seed {seed}: {len(d.hit)} candidates, {int((d.hit >= 0).sum())} on nodules, "
               f"{len(set(d.hit[d.hit >= 0].tolist()))}/{len(d.truth['nodules'])} nodules reachable ({time.time() - t:.1f} s)", flush=True)
@@ -361,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_seeds": args.train_seeds,
             "val_seeds": args.val_seeds,
             "nodules_per_phantom": args.nodules,
+            "juxtavascular_share": args.juxtavascular,
             "candidates": int(sum(len(data[s].hit) for s in train_seeds)),
             "positive_candidates": int(sum(int((data[s].hit >= 0).sum()) for s in train_seeds)),
             "stage2_patches": len(labels),

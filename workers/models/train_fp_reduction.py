@@ -359,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     card = {
         "file": pt_path.name,
         "sha256": digest,
-        "version": time.strftime("%Y%m%d"),
+        # Date and digest: weights trained on the same day still get distinct versions (and so
+        # distinct output UIDs).
+        "version": f"{time.strftime('%Y%m%d')}-{digest[:8]}",
         "features": list(FEATURE_NAMES),
         "stage1_hidden": 32,
         "top_k": args.top_k,

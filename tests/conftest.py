@@ -3,6 +3,7 @@ PostgreSQL), and settings that point everything at the test's temporary director
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -97,19 +98,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'var' / 'state.sqlite'}"
         return
-    problem = _pg_available()
-    if problem:
-        pytest.skip(problem)
-    url = _pg_create()
-    try:
+    with _fresh_pg_database() as url:
         yield url
-    finally:
-        _pg_drop(url)
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database (for tests about PostgreSQL itself)."""
+    with _fresh_pg_database() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _fresh_pg_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database, dropped afterwards; skips the test without a server."""
     problem = _pg_available()
     if problem:
         pytest.skip(problem)

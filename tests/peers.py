@@ -341,7 +341,10 @@ class NodeProcess:
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"dicom-node serve exited with {self.proc.returncode}:\n{self.log()}")
-        return port_open(self.dicom_port)
+        # Both listeners: the DICOM port opens before uvicorn binds HTTP, and a test that posts
+        # to STOW-RS right after start must not race it.
+        http_port = int(self.env.get("DICOM_NODE_HTTP_PORT", "0"))
+        return port_open(self.dicom_port) and (http_port == 0 or port_open(http_port))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

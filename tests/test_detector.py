@@ -145,3 +145,35 @@ def test_a_head_ct_has_no_lungs_and_no_findings(detector: LungNoduleDetector, re
         pytest.skip("ge-head-tilt not found")
     result = detector.predict(load_series(sorted(folder.glob("*.dcm"))))
     assert result.findings == []
+
+
+def test_ensemble_weights_average_the_stage2_logits(tmp_path: Path) -> None:
+    """A card whose stage 2 is a list of CNNs loads all of them, and a patch's score is the
+    sigmoid of their mean logit (over the test-time views too)."""
+    import hashlib
+
+    import torch
+
+    from workers.models.lung_nodules import FEATURE_NAMES
+    from workers.models.nodule_classifier import PATCH, FeatureMlp, FpReducer, PatchCnn
+
+    n = len(FEATURE_NAMES)
+    torch.manual_seed(7)
+    stage1, members = FeatureMlp(n), [PatchCnn(n), PatchCnn(n)]
+    pt = tmp_path / "fp.pt"
+    torch.save({"stage1": stage1.state_dict(), "stage2": [m.state_dict() for m in members]}, pt)
+    card = {"file": pt.name, "sha256": hashlib.sha256(pt.read_bytes()).hexdigest(), "features": list(FEATURE_NAMES), "views": 2}
+    (tmp_path / "fp.json").write_text(json.dumps(card))
+
+    reducer = FpReducer.load(tmp_path / "fp.json")
+    assert len(reducer.stage2) == 2
+    patches = torch.rand(3, 2, PATCH, PATCH, PATCH)
+    features = np.random.default_rng(0).normal(size=(3, n))
+    f = torch.from_numpy(features.astype(np.float32))
+    with torch.no_grad():
+        logits = [m.eval()(view, f) for m in members for view in (patches, patches.flip(2))]
+    expected = torch.sigmoid(torch.stack(logits).mean(0)).numpy()
+    assert np.allclose(reducer.stage2_scores(patches, features), expected, atol=1e-6)
+    # Either member alone scores differently: the second model really takes part.
+    alone = FpReducer(reducer.stage1, reducer.stage2[:1], FEATURE_NAMES, card={"views": 2})
+    assert not np.allclose(alone.stage2_scores(patches, features), expected, atol=1e-4)

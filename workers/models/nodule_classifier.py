@@ -2,8 +2,9 @@
 
 * **Stage 1**, an MLP over the 32 hand-made features of every candidate (thousands per scan),
   keeps the ``top_k`` most nodule-like.
-* **Stage 2**, a tiny 3D CNN, looks at each of those as a scale-normalised patch (a cube of
-  six estimated radii, 16³ samples, two channels: density and lung mask) together with the
+* **Stage 2**, a tiny 3D CNN (or an ensemble of them, trained from different seeds, whose
+  logits are averaged), looks at each of those as a scale-normalised patch (a cube of six
+  estimated radii, 16³ samples, two channels: density and lung mask) together with the
   features. It learns what the features cannot say well: a vessel stub leaving the
   mediastinum versus a nodule sitting on the pleura, a branch point versus a nodule touching a
   vessel.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +139,7 @@ class FpReducer:
     def __init__(
         self,
         stage1: FeatureMlp,
-        stage2: PatchCnn,
+        stage2: PatchCnn | Sequence[PatchCnn],
         features: tuple[str, ...],
         *,
         top_k: int = 400,
@@ -147,7 +149,9 @@ class FpReducer:
         card: dict[str, Any] | None = None,
     ) -> None:
         self.stage1 = stage1.eval()
-        self.stage2 = stage2.eval()
+        self.stage2 = [m.eval() for m in ([stage2] if isinstance(stage2, PatchCnn) else stage2)]
+        if not self.stage2:
+            raise ValueError("stage 2 needs at least one model")
         self.features = tuple(features)
         self.top_k = int(top_k)
         self.threshold = float(threshold)
@@ -175,8 +179,13 @@ class FpReducer:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         stage1 = FeatureMlp(len(features), hidden=int(card.get("stage1_hidden", 32)))
         stage1.load_state_dict(state["stage1"])
-        stage2 = PatchCnn(len(features))
-        stage2.load_state_dict(state["stage2"])
+        # One stage-2 state dict, or a list of them (an ensemble).
+        stage2_states = state["stage2"] if isinstance(state["stage2"], list) else [state["stage2"]]
+        stage2 = []
+        for stage2_state in stage2_states:
+            model = PatchCnn(len(features))
+            model.load_state_dict(stage2_state)
+            stage2.append(model)
         return cls(
             stage1,
             stage2,
@@ -195,8 +204,9 @@ class FpReducer:
             return torch.sigmoid(self.stage1(torch.from_numpy(features.astype(np.float32)))).numpy().astype(np.float64)
 
     def stage2_scores(self, patches: torch.Tensor, features: np.ndarray, *, views: int | None = None) -> np.ndarray:
-        """Stage-2 probabilities; the mean logit over ``views`` mirrored/transposed copies of each
-        patch (test-time augmentation with the symmetries used in training)."""
+        """Stage-2 probabilities; the mean logit over the ensemble's models and ``views``
+        mirrored/transposed copies of each patch (test-time augmentation with the symmetries
+        used in training)."""
         if len(features) == 0:
             return np.zeros(0)
         views = self.views if views is None else views
@@ -205,7 +215,7 @@ class FpReducer:
             for start in range(0, len(features), 256):
                 f = torch.from_numpy(features[start : start + 256].astype(np.float32))
                 p = patches[start : start + 256]
-                logits = torch.stack([self.stage2(_view(p, v), f) for v in range(views)]).mean(0)
+                logits = torch.stack([m(_view(p, v), f) for m in self.stage2 for v in range(views)]).mean(0)
                 out.append(torch.sigmoid(logits))
         return torch.cat(out).numpy().astype(np.float64)
 

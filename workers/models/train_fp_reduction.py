@@ -17,7 +17,8 @@ What it does:
    LUNA16 criterion (centre within the nodule's radius).
 2. Stage 1 (an MLP over the features) is trained on all candidates of the training seeds.
 3. Stage 2 (a small 3D CNN over patches + features) is trained on the ``top_k`` candidates
-   stage 1 keeps per scan, with flips and in-plane transposes as augmentation.
+   stage 1 keeps per scan, with flips and in-plane transposes as augmentation; with
+   ``--ensemble N``, N such CNNs from different random seeds, whose logits are averaged.
 4. The whole detector is run on the validation seeds; the FROC and the threshold giving about
    half a false positive per scan (``--target-fp``) are written to the card.
 
@@ -248,6 +249,29 @@ def train_stage2(
     return model.eval()
 
 
+def validate(
+    detector: LungNoduleDetector, reducer: FpReducer, seeds: list[int], cache: Path, nodules: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """FROC of the whole detector with ``reducer`` on the phantoms of ``seeds``: all nodules
+    >= 4 mm, and solid (incl. juxtapleural) >= 5 mm."""
+    detector._classifier = reducer
+    scans = []
+    for seed in seeds:
+        hu, truth = load_phantom(seed, cache, nodules)
+        result = detector.predict(phantom_volume(hu, truth))
+        scans.append(
+            ScanResult(
+                name=str(seed),
+                nodules=truth["nodules"],
+                candidates=[Candidate(tuple(c["center_mm"]), c["score"]) for c in result.extra["candidates"]],
+                findings=[],
+            )
+        )
+    f_all = froc(scans, lambda n: n["diameter_mm"] >= 4.0)
+    f_solid = froc(scans, lambda n: n["diameter_mm"] >= 5.0 and n["type"] in ("solid", "juxtapleural"))
+    return f_all, f_solid
+
+
 def _seeds(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
@@ -276,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs1", type=int, default=30)
     ap.add_argument("--epochs2", type=int, default=30)
     ap.add_argument("--views", type=int, default=4, help="test-time views of each stage-2 patch")
+    ap.add_argument("--ensemble", type=int, default=1, help="stage-2 CNNs trained from different seeds (logits averaged)")
     ap.add_argument("--target-fp", type=float, default=0.5, help="validation FP/scan at the operating point")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -323,25 +348,26 @@ def main(argv: list[str] | None = None) -> int:
     feats = np.concatenate(all_feats)
     labels = np.concatenate(all_labels)
     print(f"  {len(labels)} patches, {int(labels.sum())} positive", flush=True)
-    stage2 = train_stage2(patches, feats, labels, epochs=args.epochs2)
+    stage2 = []
+    for member in range(args.ensemble):
+        t = time.time()
+        stage2.append(train_stage2(patches, feats, labels, epochs=args.epochs2, seed=member))
+        print(f"  stage-2 model {member + 1}/{args.ensemble} trained ({time.time() - t:.0f} s)", flush=True)
     reducer = FpReducer(stage1, stage2, FEATURE_NAMES, top_k=args.top_k, card={"views": args.views})
 
     print("validation", flush=True)
-    detector._classifier = reducer
-    scans = []
-    for seed in val_seeds:
-        hu, truth = load_phantom(seed, args.cache, args.nodules)
-        result = detector.predict(phantom_volume(hu, truth))
-        scans.append(
-            ScanResult(
-                name=str(seed),
-                nodules=truth["nodules"],
-                candidates=[Candidate(tuple(c["center_mm"]), c["score"]) for c in result.extra["candidates"]],
-                findings=[],
-            )
-        )
-    f_all = froc(scans, lambda n: n["diameter_mm"] >= 4.0)
-    f_solid = froc(scans, lambda n: n["diameter_mm"] >= 5.0 and n["type"] in ("solid", "juxtapleural"))
+    first_model: dict[str, Any] | None = None
+    if len(stage2) > 1:
+        # The same scans scored by the first model alone, so the card shows what the ensemble adds.
+        single = FpReducer(stage1, stage2[:1], FEATURE_NAMES, top_k=args.top_k, card={"views": args.views})
+        single_all, single_solid = validate(detector, single, val_seeds, args.cache, args.nodules)
+        print(f"  first model alone: all >= 4 mm: {single_all['sensitivity_at']}", flush=True)
+        print(f"  first model alone: solid >= 5 mm: {single_solid['sensitivity_at']}", flush=True)
+        first_model = {
+            "all_ge_4mm": {k: v for k, v in single_all.items() if k != "curve"},
+            "solid_ge_5mm": {k: v for k, v in single_solid.items() if k != "curve"},
+        }
+    f_all, f_solid = validate(detector, reducer, val_seeds, args.cache, args.nodules)
     curve = f_all["curve"]
     threshold = 0.5
     for fps, thr in zip(curve["fps_per_scan"], curve["threshold"], strict=True):
@@ -354,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     pt_path = args.out / "lung_nodules_fp.pt"
-    torch.save({"stage1": stage1.state_dict(), "stage2": stage2.state_dict()}, pt_path)
+    stage2_states: Any = [m.state_dict() for m in stage2] if len(stage2) > 1 else stage2[0].state_dict()
+    torch.save({"stage1": stage1.state_dict(), "stage2": stage2_states}, pt_path)
     digest = hashlib.sha256(pt_path.read_bytes()).hexdigest()
     card = {
         "file": pt_path.name,
@@ -366,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage1_hidden": 32,
         "top_k": args.top_k,
         "views": args.views,
+        "stage2_models": len(stage2),
         "threshold": round(threshold, 5),
         "training": {
             "command": "python -m workers.models.train_fp_reduction " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -381,11 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             "minutes": round((time.time() - started) / 60, 1),
         },
         "validation": {
-            "scans": len(scans),
+            "scans": len(val_seeds),
             "all_ge_4mm": {k: v for k, v in f_all.items() if k != "curve"},
             "solid_ge_5mm": {k: v for k, v in f_solid.items() if k != "curve"},
         },
     }
+    if first_model is not None:
+        card["validation_first_model_alone"] = first_model
     (args.out / "lung_nodules_fp.json").write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {pt_path} ({pt_path.stat().st_size} bytes, sha256 {digest[:16]}...)", flush=True)
     return 0

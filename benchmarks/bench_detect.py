@@ -20,6 +20,7 @@ peak memory <= 3 GiB per worker.
 
     .venv/bin/python benchmarks/bench_detect.py            # generate (once) and measure
     .venv/bin/python benchmarks/bench_detect.py --count 5  # a quicker look
+    .venv/bin/python benchmarks/bench_detect.py --no-baseline --weights /tmp/w/lung_nodules_fp.json
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=CACHE / "report")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--weights", type=Path, help="FP-reduction weights card to measure instead of the shipped one")
     args = ap.parse_args()
 
     import torch
@@ -150,7 +152,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(f"phantoms: {args.count} x {args.slices} x 512², seeds {FIRST_SEED}-{FIRST_SEED + args.count - 1}", flush=True)
     folders = ensure_phantoms(args.count, args.slices)
-    detector = LungNoduleDetector(device="cpu")
+    detector = LungNoduleDetector(device="cpu", **({"weights": args.weights} if args.weights else {}))
     # Warm up once (imports, allocator) so the first study is not charged for it.
     from workers.volume import load_series
 

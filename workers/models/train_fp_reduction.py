@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"seeds from {RESERVED_SEEDS} on are reserved for the benchmark")
     if set(train_seeds) & set(val_seeds):
         ap.error("training and validation seeds overlap")
+    if args.ensemble < 1:
+        ap.error("--ensemble needs at least one model")
     args.cache.mkdir(parents=True, exist_ok=True)
     started = time.time()
     detector = LungNoduleDetector(weights=None, threshold=0.0)

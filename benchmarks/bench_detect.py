@@ -152,7 +152,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(f"phantoms: {args.count} x {args.slices} x 512², seeds {FIRST_SEED}-{FIRST_SEED + args.count - 1}", flush=True)
     folders = ensure_phantoms(args.count, args.slices)
-    detector = LungNoduleDetector(device="cpu", **({"weights": args.weights} if args.weights else {}))
+    detector = LungNoduleDetector(device="cpu", weights=args.weights)  # None: the shipped weights
     # Warm up once (imports, allocator) so the first study is not charged for it.
     from workers.volume import load_series
 

@@ -46,13 +46,10 @@ def second_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
     if database_url.startswith("sqlite"):
         yield f"sqlite:///{tmp_path / 'second-state.sqlite'}"
         return
-    from tests.conftest import _pg_create, _pg_drop
+    from tests.conftest import _fresh_pg_database
 
-    url = _pg_create()
-    try:
+    with _fresh_pg_database() as url:
         yield url
-    finally:
-        _pg_drop(url)
 
 
 def remote_worker(env: NodeEnv, data_dir: Path) -> WorkerProcess:

@@ -25,7 +25,8 @@ How it works (all on the CPU in about 10 s for a 300 x 512² CT on 2 cores; CUDA
    (pleura) — ranked by an MLP; the best 500 are re-scored by a small 3D CNN over a
    scale-normalised patch (:mod:`workers.models.nodule_classifier`; weights in
    ``weights/lung_nodules_fp.pt``, produced by ``python -m workers.models.train_fp_reduction``).
-   Candidates within a better one's radius, or on a better one's segmented object, are dropped.
+   Candidates within a better one's radius, or on a better one's segmented object (the rim
+   peaks of a large nodule; see :func:`merge_objects`), are dropped.
 6. **Per nodule**: a mask by region growing at a threshold halfway between the nodule's centre
    density and the lung (so ground glass is segmented too), cut to the lung mask and to a
    sphere around the centre; then centre, long-axis diameter on the key slice, volume, and
@@ -582,18 +583,24 @@ def merge_objects(
     spacing: tuple[float, float, float],
     lung_level: float,
     *,
-    min_radius_mm: float = 3.4,
-    max_objects: int = 60,
+    max_objects: int = 100,
+    box_mm: float = 24.0,
 ) -> np.ndarray:
     """Drop kept candidates that sit on a better candidate's object (a second, shape-aware NMS).
 
-    A large nodule, especially one on the pleura, gives several peaks on its surface; radius
-    based suppression keeps some of them, and those just outside the nodule's radius count as
-    false positives. For the best ``max_objects`` kept candidates of at least ``min_radius_mm``,
-    the object under the candidate is segmented on the detection grid (half-way between its
-    density and the lung, inside the lung mask grown by one voxel, opened by a ball of 0.4
-    radius so that thinner vessels do not join it), and lower-scored candidates within one voxel
-    of it are dropped. Returns the surviving entries of ``kept`` in score order.
+    A large nodule gives several small-scale peaks on its surface: on the lobulations, on a
+    ground-glass rim, and on the parts of a large juxtapleural nodule that the lung mask cuts
+    apart. Radius-based suppression keeps them, and those just outside the nodule's radius
+    count as false positives. For each of the best ``max_objects`` kept candidates, in score
+    order, the object under it is segmented on the detection grid in a box of at least
+    ``box_mm`` half-side: voxels a quarter of the way from the lung to the candidate's density,
+    inside the lung mask grown by one voxel, opened by a ball of 0.4 radius so that thinner
+    vessels do not join it, then grown back into the foreground by the same ball (the opening
+    strips lobulations and rims that belong to the nodule). Lower-scored candidates within one
+    voxel of the object are dropped: anywhere on it when the object lies inside the box (a
+    compact blob), and within ``2 r + 4`` mm of the candidate otherwise (the object runs on
+    along a vessel, where a nodule further along must survive). Returns the surviving entries
+    of ``kept`` in score order.
     """
     if len(kept) == 0:
         return kept
@@ -603,14 +610,13 @@ def merge_objects(
     pos_mm = points[order] * sp
     done = 0
     for a in range(len(order)):
-        if not alive[a]:
-            continue
-        n = order[a]
-        r = float(radius_mm[n])
-        if r < min_radius_mm or done >= max_objects:
+        if not alive[a] or done >= max_objects:
             continue
         done += 1
-        half = np.ceil((2.0 * r + 4.0) / sp).astype(int)
+        n = order[a]
+        r = float(radius_mm[n])
+        reach = 2.0 * r + 4.0
+        half = np.ceil(max(reach, box_mm) / sp).astype(int)
         p = points[n]
         lo = np.maximum(p - half, 0)
         hi = np.minimum(p + half + 1, np.array(image.shape))
@@ -618,7 +624,8 @@ def merge_objects(
         sub = image[box]
         c = p - lo
         centre = float(sub[max(c[0] - 1, 0) : c[0] + 2, max(c[1] - 1, 0) : c[1] + 2, max(c[2] - 1, 0) : c[2] + 2].mean())
-        cut = float(np.clip(0.5 * (centre + lung_level), -750.0, -300.0))
+        # A low cut keeps a ground-glass rim (about -600 HU) on a part-solid nodule's object.
+        cut = float(np.clip(lung_level + 0.25 * (centre - lung_level), -750.0, -550.0))
         inside = ndimage.binary_dilation(mask[box], iterations=1)
         fg = (sub > cut) & inside
         ball_r = np.maximum(np.round(0.4 * r / sp).astype(int), 1)
@@ -629,11 +636,14 @@ def merge_objects(
         lab = labels[tuple(c)]
         if lab == 0:
             continue
-        obj = ndimage.binary_dilation(labels == lab, iterations=1)
+        core = ndimage.binary_dilation(labels == lab, structure=ball) & fg
+        obj = ndimage.binary_dilation(core, iterations=1)
+        compact = not any(np.take(obj, edge, axis=ax).any() for ax in range(3) for edge in (0, -1))
         rel = points[order[a + 1 :]] - lo
         ok = np.all((rel >= 0) & (rel < np.array(sub.shape)), axis=1)
         hit = np.zeros(len(rel), dtype=bool)
         hit[ok] = obj[tuple(rel[ok].T)]
-        near = np.linalg.norm(pos_mm[a + 1 :] - pos_mm[a], axis=1) <= 2.0 * r + 4.0
-        alive[a + 1 :] &= ~(hit & near)
+        if not compact:
+            hit &= np.linalg.norm(pos_mm[a + 1 :] - pos_mm[a], axis=1) <= reach
+        alive[a + 1 :] &= ~hit
     return order[alive]

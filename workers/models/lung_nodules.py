@@ -58,7 +58,9 @@ from workers.volume import UniformGrid, Volume, VolumeError, uniform_grid
 LOGGER = logging.getLogger(__name__)
 
 NAME = "lung-nodules"
-VERSION = "0.1.0"
+VERSION = "0.2.0"
+"""The algorithm's version (goes into the model version and so into the output UIDs): 0.2.0 merges
+the rim peaks of large nodules (:func:`merge_objects`)."""
 WEIGHTS = Path(__file__).with_name("weights") / "lung_nodules_fp.json"
 """Card of the FP-reduction weights (the .pt file it names sits beside it)."""
 

@@ -30,20 +30,20 @@ def test_rim_peaks_of_a_large_part_solid_nodule_are_merged_into_it() -> None:
     dist = np.linalg.norm(grid - centre, axis=-1)
     # A 28 mm part-solid nodule: a solid core of 5 mm radius in a ground-glass ball of 12 mm
     # with a lobulation reaching out to 15 mm on one side.
-    lobe = np.linalg.norm(grid - (centre + [0.0, 0.0, 11.0]), axis=-1) <= 4.0
+    lobe = np.linalg.norm(grid - (centre + np.array([0.0, 0.0, 11.0])), axis=-1) <= 4.0
     image[(dist <= 12.0) | lobe] = -600.0
     image[dist <= 5.0] = 0.0
     points = np.array(
         [
             voxel(tuple(centre)),  # the nodule itself, found at the largest scale
-            voxel(tuple(centre + [0.0, 0.0, 14.0])),  # on the lobulation, beyond the radius
-            voxel(tuple(centre + [11.5, 0.0, 0.0])),  # on the ground-glass rim
-            voxel(tuple(centre + [0.0, -11.0, 0.0])),
+            voxel(tuple(centre + np.array([0.0, 0.0, 14.0]))),  # on the lobulation, beyond the radius
+            voxel(tuple(centre + np.array([11.5, 0.0, 0.0]))),  # on the ground-glass rim
+            voxel(tuple(centre + np.array([0.0, -11.0, 0.0]))),
         ]
     )
     radius = np.array([13.86, 1.73, 1.73, 2.42])
     scores = np.array([0.99, 0.95, 0.9, 0.8])
-    kept = merge_objects(points, radius, scores, np.arange(4), image, mask, SPACING, LUNG)
+    kept, _ = merge_objects(points, radius, scores, np.arange(4), image, mask, SPACING, LUNG)
     assert kept.tolist() == [0]
 
 
@@ -64,5 +64,18 @@ def test_a_nodule_along_a_vessel_survives_a_better_scored_vessel_candidate() -> 
     )
     radius = np.array([2.42, 1.73, 3.46])
     scores = np.array([0.9, 0.7, 0.6])
-    kept = merge_objects(points, radius, scores, np.arange(3), image, mask, SPACING, LUNG)
+    kept, _ = merge_objects(points, radius, scores, np.arange(3), image, mask, SPACING, LUNG)
     assert kept.tolist() == [0, 2]
+
+
+def test_a_rim_peak_scored_above_the_centre_hands_its_score_to_the_central_candidate() -> None:
+    image, mask, grid = image_and_mask()
+    centre = np.array([40.0, 42.0, 42.0])
+    image[np.linalg.norm(grid - centre, axis=-1) <= 5.0] = 30.0  # a 10 mm solid nodule
+    points = np.array([voxel(tuple(centre + np.array([0.0, 0.0, 4.8]))), voxel(tuple(centre))])
+    radius = np.array([1.73, 2.42])
+    scores = np.array([0.98, 0.95])
+    kept, merged = merge_objects(points, radius, scores, np.arange(2), image, mask, SPACING, LUNG)
+    assert kept.tolist() == [1]
+    assert merged[1] == 0.98
+    assert scores.tolist() == [0.98, 0.95]  # the caller's scores are left alone

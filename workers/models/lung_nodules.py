@@ -317,7 +317,7 @@ class LungNoduleDetector:
             full = np.zeros(len(cands.points))
             full[which] = scores
             if cands.image is not None:
-                keep = merge_objects(
+                keep, full = merge_objects(
                     cands.points, cands.radius_mm, full, keep, cands.image, cands.mask, cands.spacing, cands.lung_level
                 )
             scores = full[keep]
@@ -587,7 +587,7 @@ def merge_objects(
     *,
     max_objects: int = 100,
     box_mm: float = 24.0,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Drop kept candidates that sit on a better candidate's object (a second, shape-aware NMS).
 
     A large nodule gives several small-scale peaks on its surface: on the lobulations, on a
@@ -601,11 +601,16 @@ def merge_objects(
     strips lobulations and rims that belong to the nodule). Lower-scored candidates within one
     voxel of the object are dropped: anywhere on it when the object lies inside the box (a
     compact blob), and within ``2 r + 4`` mm of the candidate otherwise (the object runs on
-    along a vessel, where a nodule further along must survive). Returns the surviving entries
-    of ``kept`` in score order.
+    along a vessel, where a nodule further along must survive). Of a compact object's
+    candidates, the one nearest its centre of mass survives, with the best score among them (a
+    rim peak can outscore the centre, and would put the finding on the nodule's edge).
+
+    Returns the surviving entries of ``kept`` in score order, and ``scores`` with the inherited
+    scores of the survivors.
     """
+    merged = np.array(scores, dtype=np.float64, copy=True)
     if len(kept) == 0:
-        return kept
+        return kept, merged
     sp = np.array(spacing)
     order = kept[np.argsort(-scores[kept])]
     alive = np.ones(len(order), dtype=bool)
@@ -647,5 +652,16 @@ def merge_objects(
         hit[ok] = obj[tuple(rel[ok].T)]
         if not compact:
             hit &= np.linalg.norm(pos_mm[a + 1 :] - pos_mm[a], axis=1) <= reach
+        hit &= alive[a + 1 :]
+        if compact and hit.any():
+            # The best-scored peak may sit on the object's rim: the candidate nearest the
+            # object's centre of mass stands for it, with the best score.
+            members = np.concatenate([[a], a + 1 + np.flatnonzero(hit)])
+            centroid = (np.argwhere(core).mean(axis=0) + lo) * sp
+            best = int(members[np.argmin(np.linalg.norm(pos_mm[members] - centroid, axis=1))])
+            if best != a:
+                merged[order[best]] = merged[order[a]]
+                order[[a, best]] = order[[best, a]]
+                pos_mm[[a, best]] = pos_mm[[best, a]]
         alive[a + 1 :] &= ~hit
-    return order[alive]
+    return order[alive], merged

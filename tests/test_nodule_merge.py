@@ -52,20 +52,24 @@ def test_a_nodule_along_a_vessel_survives_a_better_scored_vessel_candidate() -> 
     # A vessel of 1.5 mm radius running the whole width of the image along the column axis.
     axis_yz = np.array([30.0, 42.0])
     image[np.linalg.norm(grid[..., :2] - axis_yz, axis=-1) <= 1.5] = 40.0
-    # A 7 mm solid nodule touching the vessel 25 mm along it from the vessel candidate.
-    nodule = np.array([30.0, 42.0 + 1.5 + 3.0, 80.0])
-    image[np.linalg.norm(grid - nodule, axis=-1) <= 3.5] = 40.0
+    # 7 mm solid nodules touching the vessel 25 mm along it from the vessel candidate, and
+    # 7 mm along it on the other side (within the candidate's reach, but a larger blob).
+    far = np.array([30.0, 42.0 + 1.5 + 3.0, 80.0])
+    near = np.array([30.0, 42.0 - 1.5 - 3.0, 48.0])
+    for nodule in (far, near):
+        image[np.linalg.norm(grid - nodule, axis=-1) <= 3.5] = 40.0
     points = np.array(
         [
             voxel((30.0, 42.0, 55.0)),  # on the vessel, scored best
             voxel((30.0, 42.0, 60.0)),  # the same vessel 5 mm on: a duplicate
-            voxel(tuple(nodule)),
+            voxel(tuple(far)),
+            voxel(tuple(near)),
         ]
     )
-    radius = np.array([2.42, 1.73, 3.46])
-    scores = np.array([0.9, 0.7, 0.6])
-    kept, _ = merge_objects(points, radius, scores, np.arange(3), image, mask, SPACING, LUNG)
-    assert kept.tolist() == [0, 2]
+    radius = np.array([2.42, 1.73, 3.46, 3.46])
+    scores = np.array([0.9, 0.7, 0.6, 0.5])
+    kept, _ = merge_objects(points, radius, scores, np.arange(4), image, mask, SPACING, LUNG)
+    assert kept.tolist() == [0, 2, 3]
 
 
 def test_a_rim_peak_scored_above_the_centre_hands_its_score_to_the_central_candidate() -> None:

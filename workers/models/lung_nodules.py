@@ -600,8 +600,9 @@ def merge_objects(
     vessels do not join it, then grown back into the foreground by the same ball (the opening
     strips lobulations and rims that belong to the nodule). Lower-scored candidates within one
     voxel of the object are dropped: anywhere on it when the object lies inside the box (a
-    compact blob), and within ``2 r + 4`` mm of the candidate otherwise (the object runs on
-    along a vessel, where a nodule further along must survive). Of a compact object's
+    compact blob); otherwise (the object runs on along a vessel or the pleura, where a nodule
+    further along must survive) only those within ``2 r + 4`` mm of the candidate whose radius
+    estimate is not larger than its own. Of a compact object's
     candidates, the one nearest its centre of mass survives, with the best score among them (a
     rim peak can outscore the centre, and would put the finding on the nodule's edge).
 
@@ -651,7 +652,10 @@ def merge_objects(
         hit = np.zeros(len(rel), dtype=bool)
         hit[ok] = obj[tuple(rel[ok].T)]
         if not compact:
+            # Along a vessel (or the pleura) only finer-scale duplicates nearby go: a larger
+            # blob beside the vessel may be a nodule touching it.
             hit &= np.linalg.norm(pos_mm[a + 1 :] - pos_mm[a], axis=1) <= reach
+            hit &= radius_mm[order[a + 1 :]] <= r
         hit &= alive[a + 1 :]
         if compact and hit.any():
             # The best-scored peak may sit on the object's rim: the candidate nearest the

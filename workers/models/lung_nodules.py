@@ -602,9 +602,9 @@ def merge_objects(
     voxel of the object are dropped: anywhere on it when the object lies inside the box (a
     compact blob); otherwise (the object runs on along a vessel or the pleura, where a nodule
     further along must survive) only those within ``2 r + 4`` mm of the candidate whose radius
-    estimate is not larger than its own. Of a compact object's
-    candidates, the one nearest its centre of mass survives, with the best score among them (a
-    rim peak can outscore the centre, and would put the finding on the nodule's edge).
+    estimate is not larger than its own. Of a compact object's candidates, the one nearest its
+    centre of mass survives, with the best score among them (a rim peak can outscore the
+    centre, and would put the finding on the nodule's edge).
 
     Returns the surviving entries of ``kept`` in score order, and ``scores`` with the inherited
     scores of the survivors.

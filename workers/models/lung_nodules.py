@@ -618,7 +618,9 @@ def merge_objects(
     pos_mm = points[order] * sp
     done = 0
     for a in range(len(order)):
-        if not alive[a] or done >= max_objects:
+        if done >= max_objects:
+            break
+        if not alive[a]:
             continue
         done += 1
         n = order[a]

@@ -138,25 +138,34 @@ def store_datasets(
 
 
 def store_files(
-    port: int, paths: list[Path], *, called: str = "AINODE", calling: str = "TESTSCU"
+    port: int,
+    paths: list[Path],
+    *,
+    called: str = "AINODE",
+    calling: str = "TESTSCU",
+    timeout: float = 20,
+    statuses: list[int | None] | None = None,
 ) -> list[int | None]:
     """C-STORE files exactly as they are on disk (pynetdicom streams the dataset bytes).
 
     The command's Affected SOP Class/Instance UIDs come from each file's meta information,
     the data set from the bytes after it: a file whose meta disagrees with its data set makes
-    the command disagree with the data set.
+    the command disagree with the data set. ``timeout`` is the client's ACSE, DIMSE and network
+    timeout. Each status is appended to ``statuses`` (when given) as it arrives, so a caller
+    running this in a thread sees the answers so far even if a later store never returns.
     """
     saved = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
         metas = [read_file_meta_info(p) for p in paths]
         ae = AE(ae_title=calling)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         for pair in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
             ae.add_requested_context(pair[0], [pair[1]])
         assoc = ae.associate("127.0.0.1", port, ae_title=called)
         assert assoc.is_established, "association refused"
-        statuses: list[int | None] = []
+        if statuses is None:
+            statuses = []
         try:
             for p in paths:
                 rsp = assoc.send_c_store(p)

@@ -1,0 +1,63 @@
+"""The training script of the detector's false-positive reduction: jittered positive patches
+stay on the nodule, differ from the plain patch, and leave the candidates untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from workers.models.lung_nodules import Candidates, LungNoduleDetector
+from workers.models.nodule_classifier import PATCH, PATCH_RADII
+from workers.models.train_fp_reduction import JITTER_SHIFT, jittered_patches, phantom_volume
+from workers.volume import uniform_grid
+
+RADIUS_MM = 5.0
+
+
+def _one_nodule() -> Candidates:
+    """A 5 mm-radius solid sphere in lung at 1 mm voxels, and the candidate at its centre."""
+    shape = (48, 64, 64)
+    k, j, i = np.indices(shape)
+    hu = np.full(shape, -850.0, dtype=np.float32)
+    hu[(k - 24) ** 2 + (j - 32) ** 2 + (i - 32) ** 2 <= RADIUS_MM**2] = 0.0
+    geometry = {"pixel_spacing_mm": 1.0, "slice_thickness_mm": 1.0, "first_position_mm": [0.0, 0.0, 47.0]}
+    volume = phantom_volume(hu, {"geometry": geometry})
+    return Candidates(
+        points=np.array([[24, 32, 32]]),
+        features=np.zeros((1, 1), dtype=np.float32),
+        radius_mm=np.array([RADIUS_MM]),
+        offsets=np.zeros((1, 3)),
+        centre_hu=np.array([0.0]),
+        grid=uniform_grid(volume),
+        factor=1,
+        spacing=(1.0, 1.0, 1.0),
+        mask=np.ones(shape, dtype=bool),
+        lung_level=-850.0,
+        timings={},
+    )
+
+
+def test_jittered_patches_move_around_the_nodule_and_leave_the_candidates_alone() -> None:
+    detector = LungNoduleDetector(device="cpu")
+    cands = _one_nodule()
+    which = np.array([0])
+    plain = detector.patches(cands, which)
+    copies = jittered_patches(detector, cands, which, 6, np.random.default_rng(1))
+
+    assert len(copies) == 6
+    assert np.array_equal(cands.offsets, np.zeros((1, 3))) and cands.radius_mm[0] == RADIUS_MM
+    # a patch is a cube of PATCH_RADII radii, so one radius is PATCH / PATCH_RADII samples
+    samples_per_mm = PATCH / (PATCH_RADII * RADIUS_MM)
+    centre = (PATCH - 1) / 2
+    for patch in copies:
+        assert patch.shape == plain.shape
+        assert not np.allclose(patch.numpy(), plain.numpy())
+        density = patch[0, 0].numpy()
+        nodule = density > 0.5  # above -400 HU
+        # the patch centre still lies on the nodule
+        c = int(centre)
+        assert nodule[c : c + 2, c : c + 2, c : c + 2].all()
+        # and the nodule's centre of mass moved by no more than the largest shift (+ 1 sample
+        # for the scale change and interpolation)
+        offset = np.array(np.nonzero(nodule)).mean(axis=1) - centre
+        limit = JITTER_SHIFT * np.sqrt(3) * RADIUS_MM * np.exp(0.2) * samples_per_mm + 1
+        assert np.linalg.norm(offset) <= limit

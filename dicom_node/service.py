@@ -128,6 +128,11 @@ class NodeService:
                 with contextlib.suppress(Exception):
                     component.stop()
             self._stop_receivers()
+            # Every writer of the spool (HTTP, receivers) has stopped by now. A receiver that had
+            # to be killed, or whose aborted association was still writing when it swept, leaves
+            # its in-flight temporary file behind: sweep once more so none outlives the node.
+            with contextlib.suppress(OSError):
+                spool.sweep_temp()
             audit.record(self.db, audit.NODE_STOPPED, actor="node")
             self.db.dispose()
         return 0

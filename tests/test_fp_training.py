@@ -7,7 +7,12 @@ import numpy as np
 
 from workers.models.lung_nodules import Candidates, LungNoduleDetector
 from workers.models.nodule_classifier import PATCH, PATCH_RADII
-from workers.models.train_fp_reduction import JITTER_SHIFT, jittered_patches, phantom_volume
+from workers.models.train_fp_reduction import (
+    JITTER_SCALE,
+    JITTER_SHIFT,
+    jittered_patches,
+    phantom_volume,
+)
 from workers.volume import uniform_grid
 
 RADIUS_MM = 5.0
@@ -59,5 +64,5 @@ def test_jittered_patches_move_around_the_nodule_and_leave_the_candidates_alone(
         # and the nodule's centre of mass moved by no more than the largest shift (+ 1 sample
         # for the scale change and interpolation)
         offset = np.array(np.nonzero(nodule)).mean(axis=1) - centre
-        limit = JITTER_SHIFT * np.sqrt(3) * RADIUS_MM * np.exp(0.2) * samples_per_mm + 1
+        limit = JITTER_SHIFT * np.sqrt(3) * RADIUS_MM * np.exp(JITTER_SCALE) * samples_per_mm + 1
         assert np.linalg.norm(offset) <= limit

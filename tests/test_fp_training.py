@@ -1,5 +1,6 @@
 """The training script of the detector's false-positive reduction: jittered positive patches
-stay on the nodule, differ from the plain patch, and leave the candidates untouched."""
+stay on the nodule, differ from the plain patch, and leave the candidates untouched; the
+threshold keeps to the FP target and stays above every score on the nodule-free chests."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import numpy as np
 from workers.models.lung_nodules import Candidates, LungNoduleDetector
 from workers.models.nodule_classifier import PATCH, PATCH_RADII
 from workers.models.train_fp_reduction import (
+    CLEAN_MARGIN,
     JITTER_SCALE,
     JITTER_SHIFT,
+    calibrate_threshold,
     jittered_patches,
     phantom_volume,
 )
@@ -66,3 +69,22 @@ def test_jittered_patches_move_around_the_nodule_and_leave_the_candidates_alone(
         offset = np.array(np.nonzero(nodule)).mean(axis=1) - centre
         limit = JITTER_SHIFT * np.sqrt(3) * RADIUS_MM * np.exp(JITTER_SCALE) * samples_per_mm + 1
         assert np.linalg.norm(offset) <= limit
+
+
+# A validation FROC curve as ``workers.evaluate.froc`` gives it: thresholds falling, FP/scan rising.
+CURVE = {"threshold": [0.99, 0.95, 0.9, 0.8, 0.6], "fps_per_scan": [0.0, 0.25, 0.5, 1.0, 3.0]}
+
+
+def test_threshold_is_the_lowest_within_the_fp_target() -> None:
+    assert calibrate_threshold(CURVE, 0.5, None) == (0.9, "0.5 FP/scan on the validation scans")
+    assert calibrate_threshold(CURVE, 1.0, None)[0] == 0.8
+    # a clean chest scoring below that threshold changes nothing
+    assert calibrate_threshold(CURVE, 0.5, 0.7)[0] == 0.9
+
+
+def test_threshold_rises_above_the_highest_score_on_a_nodule_free_chest() -> None:
+    threshold, rule = calibrate_threshold(CURVE, 0.5, 0.93)
+    assert threshold == 0.93 + CLEAN_MARGIN and threshold > 0.93
+    assert "nodule-free" in rule
+    threshold, rule = calibrate_threshold(CURVE, 0.5, 0.995)
+    assert threshold == 0.99 and "clamped" in rule

@@ -23,7 +23,9 @@ What it does:
    (the detector's peak on a nodule beside a vessel is often off-centre and at the wrong scale);
    with ``--ensemble N``, N such CNNs from different random seeds, whose logits are averaged.
 4. The whole detector is run on the validation seeds; the FROC and the threshold giving about
-   half a false positive per scan (``--target-fp``) are written to the card.
+   half a false positive per scan (``--target-fp``) are written to the card. The threshold is
+   raised, if need be, to just above the highest score the detector gives on a few nodule-free
+   validation chests (``--clean-seeds``), so that a normal chest like them gets no finding.
 
 Seeds 9000 and above are reserved for the benchmark (``benchmarks/bench_detect.py``) and are
 refused here, so that the benchmark always measures on phantoms the weights never saw.
@@ -296,6 +298,42 @@ def validate(
     return f_all, f_solid
 
 
+def clean_scores(detector: LungNoduleDetector, reducer: FpReducer, seeds: list[int], cache: Path) -> list[float]:
+    """The highest candidate score on each nodule-free phantom of ``seeds`` (0.0 when the
+    detector lists no candidate): what the threshold must stay above to keep a normal chest
+    free of findings."""
+    detector._classifier = reducer
+    out = []
+    for seed in seeds:
+        hu, truth = load_phantom(seed, cache, 0)
+        result = detector.predict(phantom_volume(hu, truth))
+        out.append(max((float(c["score"]) for c in result.extra["candidates"]), default=0.0))
+    return out
+
+
+CLEAN_MARGIN = 0.001
+"""How far above the highest score on a nodule-free validation chest the threshold goes."""
+
+
+def calibrate_threshold(curve: dict[str, list[float]], target_fp: float, clean_max: float | None) -> tuple[float, str]:
+    """The operating threshold and the rule that set it.
+
+    The lowest threshold on the validation FROC ``curve`` whose false positives per scan stay
+    at or below ``target_fp``; raised, when ``clean_max`` (the highest score on the nodule-free
+    validation chests) is given, to just above it, so that none of those chests gets a finding.
+    Kept within [0.05, 0.99]."""
+    threshold, rule = 0.5, f"no point at or below {target_fp} FP/scan"
+    for fps, thr in zip(curve["fps_per_scan"], curve["threshold"], strict=True):
+        if fps <= target_fp:
+            threshold, rule = float(thr), f"{target_fp} FP/scan on the validation scans"
+    if clean_max is not None and clean_max + CLEAN_MARGIN > threshold:
+        threshold, rule = clean_max + CLEAN_MARGIN, "above the highest score on the nodule-free validation chests"
+    clamped = min(max(threshold, 0.05), 0.99)
+    if clamped != threshold:
+        rule += f", clamped to {clamped}"
+    return float(clamped), rule
+
+
 def _seeds(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
@@ -328,15 +366,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--views", type=int, default=4, help="test-time views of each stage-2 patch")
     ap.add_argument("--ensemble", type=int, default=1, help="stage-2 CNNs trained from different seeds (logits averaged)")
+    ap.add_argument(
+        "--clean-seeds",
+        default="1080-1087",
+        help="nodule-free validation phantoms; the threshold stays above every score on them ('' for none)",
+    )
     ap.add_argument("--target-fp", type=float, default=0.5, help="validation FP/scan at the operating point")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_seeds, val_seeds = _seeds(args.train_seeds), _seeds(args.val_seeds)
-    if any(s >= RESERVED_SEEDS for s in train_seeds + val_seeds):
+    train_seeds, val_seeds, clean_seeds = _seeds(args.train_seeds), _seeds(args.val_seeds), _seeds(args.clean_seeds)
+    if any(s >= RESERVED_SEEDS for s in train_seeds + val_seeds + clean_seeds):
         ap.error(f"seeds from {RESERVED_SEEDS} on are reserved for the benchmark")
-    if set(train_seeds) & set(val_seeds):
-        ap.error("training and validation seeds overlap")
+    if len({*train_seeds, *val_seeds, *clean_seeds}) != len(train_seeds) + len(val_seeds) + len(clean_seeds):
+        ap.error("training, validation and nodule-free seeds overlap")
     if args.ensemble < 1:
         ap.error("--ensemble needs at least one model")
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -405,14 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         }
     f_all, f_solid = validate(detector, reducer, val_seeds, args.cache, args.nodules)
     curve = f_all["curve"]
-    threshold = 0.5
-    for fps, thr in zip(curve["fps_per_scan"], curve["threshold"], strict=True):
-        if fps <= args.target_fp:
-            threshold = float(thr)
-    threshold = float(min(max(threshold, 0.05), 0.99))
+    clean = clean_scores(detector, reducer, clean_seeds, args.cache) if clean_seeds else []
+    threshold, rule = calibrate_threshold(curve, args.target_fp, max(clean) if clean else None)
     print(f"  all >= 4 mm: {f_all['sensitivity_at']}", flush=True)
     print(f"  solid >= 5 mm: {f_solid['sensitivity_at']}", flush=True)
-    print(f"  threshold for {args.target_fp} FP/scan: {threshold:.4f}", flush=True)
+    print(f"  highest scores on the nodule-free chests: {[round(c, 4) for c in clean]}", flush=True)
+    print(f"  threshold {threshold:.4f} ({rule})", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     pt_path = args.out / "lung_nodules_fp.pt"
@@ -431,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         "views": args.views,
         "stage2_models": len(stage2),
         "threshold": round(threshold, 5),
+        "threshold_rule": rule,
         "training": {
             "command": "python -m workers.models.train_fp_reduction " + " ".join(argv if argv is not None else sys.argv[1:]),
             "train_seeds": args.train_seeds,
@@ -449,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             "scans": len(val_seeds),
             "all_ge_4mm": {k: v for k, v in f_all.items() if k != "curve"},
             "solid_ge_5mm": {k: v for k, v in f_solid.items() if k != "curve"},
+            "nodule_free_seeds": args.clean_seeds,
+            "nodule_free_max_scores": [round(c, 5) for c in clean],
         },
     }
     if first_model is not None:

@@ -8,6 +8,9 @@ slice thickness from {1.0, 1.25} mm per seed, 4-8 nodules of all four kinds, 3-3
 written as DICOM (cached under ``benchmarks/.cache/detect``) and read back through the
 project's loader, exactly as ``dicom-node evaluate`` does.
 
+Also checked: 10 nodule-free chests (seeds 9501-9510, same geometry; ``--clean``), of which
+none should get a finding at the operating point.
+
 Printed, for both detectors: the FROC (sensitivity at 0.125-8 FP/scan, LUNA16 hit criterion)
 for all nodules, for all types >= 4 mm and for solid (incl. juxtapleural) >= 5 mm; precision,
 recall and F1 at the operating point; detector seconds per study (median, max); peak resident
@@ -39,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 CACHE = REPO / "benchmarks" / ".cache" / "detect"
 FIRST_SEED = 9001
+CLEAN_FIRST_SEED = 9501
 
 
 class LogPeaksBaseline:
@@ -84,10 +88,10 @@ class LogPeaksBaseline:
         )
 
 
-def phantom_specs(count: int, slices: int) -> list[dict[str, object]]:
+def phantom_specs(count: int, slices: int, first_seed: int = FIRST_SEED, nodules: int | None = None) -> list[dict[str, object]]:
     specs = []
     for n in range(count):
-        seed = FIRST_SEED + n
+        seed = first_seed + n
         rng = np.random.default_rng(seed)
         specs.append(
             {
@@ -95,17 +99,19 @@ def phantom_specs(count: int, slices: int) -> list[dict[str, object]]:
                 "slices": slices,
                 "pixel_spacing": float(np.round(rng.uniform(0.6, 0.8), 3)),
                 "slice_thickness": float(rng.choice([1.0, 1.25])),
+                **({} if nodules is None else {"nodules": nodules}),
             }
         )
     return specs
 
 
-def ensure_phantoms(count: int, slices: int) -> list[Path]:
+def ensure_phantoms(count: int, slices: int, first_seed: int = FIRST_SEED, nodules: int | None = None) -> list[Path]:
     from dicom_node.synth import PhantomSpec, make_phantom, write_series
 
     folders = []
-    for spec in phantom_specs(count, slices):
-        folder = CACHE / f"seed-{spec['seed']}-{spec['slices']}"
+    for spec in phantom_specs(count, slices, first_seed, nodules):
+        prefix = "clean" if nodules == 0 else "seed"
+        folder = CACHE / f"{prefix}-{spec['seed']}-{spec['slices']}"
         if not (folder / "truth.json").is_file():
             t = time.perf_counter()
             phantom = make_phantom(PhantomSpec(**spec))  # type: ignore[arg-type]
@@ -113,6 +119,22 @@ def ensure_phantoms(count: int, slices: int) -> list[Path]:
             print(f"  generated {folder.name}: {len(phantom.nodules)} nodules ({time.perf_counter() - t:.1f} s)", flush=True)
         folders.append(folder)
     return folders
+
+
+def nodule_free_findings(detector: object, folders: list[Path]) -> dict[str, object]:
+    """The detector on nodule-free chests: how many get a finding at its operating point, and
+    the highest candidate score on each (what a threshold must stay above to keep them clean)."""
+    from workers.volume import load_series
+
+    highest, with_finding = [], []
+    for n, folder in enumerate(folders, 1):
+        result = detector.predict(load_series(sorted(folder.glob("slice_*.dcm"))))  # type: ignore[attr-defined]
+        highest.append(max((float(c["score"]) for c in result.extra["candidates"]), default=0.0))
+        if result.findings:
+            with_finding.append(folder.name)
+        print(f"  [nodule-free {n}/{len(folders)}] {folder.name}: {len(result.findings)} findings, "
+              f"highest score {highest[-1]:.3f}", flush=True)
+    return {"scans": len(folders), "with_a_finding": with_finding, "highest_scores": [round(h, 5) for h in highest]}
 
 
 def load_average() -> float:
@@ -141,6 +163,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=CACHE / "report")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--clean", type=int, default=10, help=f"nodule-free chests (seeds from {CLEAN_FIRST_SEED}) checked for findings")
     ap.add_argument("--weights", type=Path, help="FP-reduction weights card to measure instead of the shipped one")
     args = ap.parse_args()
 
@@ -182,6 +205,13 @@ def main() -> int:
               f"report {json_path}, plot {png_path}", flush=True)
 
     main_summary = results["lung-nodules"]
+    clean = None
+    if args.clean:
+        print(f"nodule-free chests: {args.clean}, seeds {CLEAN_FIRST_SEED}-{CLEAN_FIRST_SEED + args.clean - 1}", flush=True)
+        clean = nodule_free_findings(detector, ensure_phantoms(args.clean, args.slices, CLEAN_FIRST_SEED, nodules=0))
+        main_summary["nodule_free"] = clean
+        report_path = args.out / "lung-nodules" / "report.json"
+        report_path.write_text(json.dumps(main_summary, indent=2) + "\n")
     solid = main_summary["froc"]["solid_ge_5mm"]["sensitivity_at"]["1.0"]
     all4 = main_summary["froc"]["all_ge_4mm"]["sensitivity_at"]["2.0"]
     rt = main_summary["runtime"]
@@ -192,6 +222,9 @@ def main() -> int:
           f"{'OK' if rt['detector_seconds_max'] <= 15 else 'MISSED'}")
     print(f"  peak memory, max per study:    {rt['peak_rss_mb_max']} MiB (target <= 3072) "
           f"{'OK' if rt['peak_rss_mb_max'] and rt['peak_rss_mb_max'] <= 3072 else 'MISSED'}")
+    if clean is not None:
+        print(f"  nodule-free chests with a finding: {len(clean['with_a_finding'])} of {clean['scans']} "  # type: ignore[arg-type]
+              f"(highest score {max(clean['highest_scores'], default=0.0):.3f}, threshold {detector.threshold:.3f})")  # type: ignore[type-var]
     if "log-peaks-baseline" in results:
         base = results["log-peaks-baseline"]["froc"]
         print(f"  peer (LoG peaks, no FP reduction): solid >= 5 mm at 1 FP {base['solid_ge_5mm']['sensitivity_at']['1.0']:.3f}, "

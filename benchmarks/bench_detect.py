@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ class LogPeaksBaseline:
 
 
 def phantom_specs(count: int, slices: int, first_seed: int = FIRST_SEED, nodules: int | None = None) -> list[dict[str, object]]:
-    specs = []
+    specs: list[dict[str, object]] = []
     for n in range(count):
         seed = first_seed + n
         rng = np.random.default_rng(seed)
@@ -121,14 +122,14 @@ def ensure_phantoms(count: int, slices: int, first_seed: int = FIRST_SEED, nodul
     return folders
 
 
-def nodule_free_findings(detector: object, folders: list[Path]) -> dict[str, object]:
+def nodule_free_findings(detector: Any, folders: list[Path]) -> dict[str, Any]:
     """The detector on nodule-free chests: how many get a finding at its operating point, and
     the highest candidate score on each (what a threshold must stay above to keep them clean)."""
     from workers.volume import load_series
 
     highest, with_finding = [], []
     for n, folder in enumerate(folders, 1):
-        result = detector.predict(load_series(sorted(folder.glob("slice_*.dcm"))))  # type: ignore[attr-defined]
+        result = detector.predict(load_series(sorted(folder.glob("slice_*.dcm"))))
         highest.append(max((float(c["score"]) for c in result.extra["candidates"]), default=0.0))
         if result.findings:
             with_finding.append(folder.name)
@@ -205,7 +206,7 @@ def main() -> int:
               f"report {json_path}, plot {png_path}", flush=True)
 
     main_summary = results["lung-nodules"]
-    clean = None
+    clean: dict[str, Any] | None = None
     if args.clean:
         print(f"nodule-free chests: {args.clean}, seeds {CLEAN_FIRST_SEED}-{CLEAN_FIRST_SEED + args.clean - 1}", flush=True)
         clean = nodule_free_findings(detector, ensure_phantoms(args.clean, args.slices, CLEAN_FIRST_SEED, nodules=0))
@@ -223,8 +224,8 @@ def main() -> int:
     print(f"  peak memory, max per study:    {rt['peak_rss_mb_max']} MiB (target <= 3072) "
           f"{'OK' if rt['peak_rss_mb_max'] and rt['peak_rss_mb_max'] <= 3072 else 'MISSED'}")
     if clean is not None:
-        print(f"  nodule-free chests with a finding: {len(clean['with_a_finding'])} of {clean['scans']} "  # type: ignore[arg-type]
-              f"(highest score {max(clean['highest_scores'], default=0.0):.3f}, threshold {detector.threshold:.3f})")  # type: ignore[type-var]
+        print(f"  nodule-free chests with a finding: {len(clean['with_a_finding'])} of {clean['scans']} "
+              f"(highest score {max(clean['highest_scores'], default=0.0):.3f}, threshold {detector.threshold:.3f})")
     if "log-peaks-baseline" in results:
         base = results["log-peaks-baseline"]["froc"]
         print(f"  peer (LoG peaks, no FP reduction): solid >= 5 mm at 1 FP {base['solid_ge_5mm']['sensitivity_at']['1.0']:.3f}, "

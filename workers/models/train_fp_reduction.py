@@ -306,6 +306,9 @@ def clean_scores(detector: LungNoduleDetector, reducer: FpReducer, seeds: list[i
     out = []
     for seed in seeds:
         hu, truth = load_phantom(seed, cache, 0)
+        if truth["nodules"]:
+            # The cache is keyed by seed only: an earlier run may have used this seed with nodules.
+            raise ValueError(f"the cached phantom of seed {seed} in {cache} has nodules; use another seed or cache")
         result = detector.predict(phantom_volume(hu, truth))
         out.append(max((float(c["score"]) for c in result.extra["candidates"]), default=0.0))
     return out

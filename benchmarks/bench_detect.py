@@ -125,15 +125,15 @@ def ensure_phantoms(count: int, slices: int, first_seed: int = FIRST_SEED, nodul
 def nodule_free_findings(detector: Any, folders: list[Path]) -> dict[str, Any]:
     """The detector on nodule-free chests: how many get a finding at its operating point, and
     the highest candidate score on each (what a threshold must stay above to keep them clean)."""
-    from workers.volume import load_series
+    from workers.evaluate import run_study
 
     highest, with_finding = [], []
     for n, folder in enumerate(folders, 1):
-        result = detector.predict(load_series(sorted(folder.glob("slice_*.dcm"))))
-        highest.append(max((float(c["score"]) for c in result.extra["candidates"]), default=0.0))
-        if result.findings:
+        scan = run_study(folder, detector)
+        highest.append(max((c.score for c in scan.candidates), default=0.0))
+        if scan.findings:
             with_finding.append(folder.name)
-        print(f"  [nodule-free {n}/{len(folders)}] {folder.name}: {len(result.findings)} findings, "
+        print(f"  [nodule-free {n}/{len(folders)}] {folder.name}: {len(scan.findings)} findings, "
               f"highest score {highest[-1]:.3f}", flush=True)
     return {"scans": len(folders), "with_a_finding": with_finding, "highest_scores": [round(h, 5) for h in highest]}
 
@@ -185,7 +185,7 @@ def main() -> int:
     runs = [("lung-nodules", detector)]
     if not args.no_baseline:
         runs.append(("log-peaks-baseline", LogPeaksBaseline(detector)))
-    results = {}
+    results, report_paths = {}, {}
     for name, det in runs:
         before = load_average()
         t = time.perf_counter()
@@ -200,7 +200,7 @@ def main() -> int:
         summary["load_average_1min"] = {"before": before, "after": load_average()}
         summary["wall_seconds"] = round(time.perf_counter() - t, 1)
         json_path.write_text(json.dumps(summary, indent=2) + "\n")
-        results[name] = summary
+        results[name], report_paths[name] = summary, json_path
         print_summary(summary)
         print(f"  load average (1 min) before {before}, after {summary['load_average_1min']['after']}; "
               f"report {json_path}, plot {png_path}", flush=True)
@@ -211,8 +211,7 @@ def main() -> int:
         print(f"nodule-free chests: {args.clean}, seeds {CLEAN_FIRST_SEED}-{CLEAN_FIRST_SEED + args.clean - 1}", flush=True)
         clean = nodule_free_findings(detector, ensure_phantoms(args.clean, args.slices, CLEAN_FIRST_SEED, nodules=0))
         main_summary["nodule_free"] = clean
-        report_path = args.out / "lung-nodules" / "report.json"
-        report_path.write_text(json.dumps(main_summary, indent=2) + "\n")
+        report_paths["lung-nodules"].write_text(json.dumps(main_summary, indent=2) + "\n")
     solid = main_summary["froc"]["solid_ge_5mm"]["sensitivity_at"]["1.0"]
     all4 = main_summary["froc"]["all_ge_4mm"]["sensitivity_at"]["2.0"]
     rt = main_summary["runtime"]

@@ -82,9 +82,15 @@ class ThrottlingProxy:
         except OSError:
             pass
         finally:
+            # shutdown wakes the other pipe's thread; close (not only shutdown) makes the kernel
+            # answer the client's further data with a reset. A socket that is only shut down
+            # keeps accepting data into a buffer nobody reads, so a client blocked in send
+            # (its window full, as under this throttle) would wait for ever.
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+            for s in (src, dst):
+                s.close()
 
 
 @pytest.mark.slow

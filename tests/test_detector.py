@@ -177,3 +177,22 @@ def test_ensemble_weights_average_the_stage2_logits(tmp_path: Path) -> None:
     # Either member alone scores differently: the second model really takes part.
     alone = FpReducer(reducer.stage1, reducer.stage2[:1], FEATURE_NAMES, card={"views": 2})
     assert not np.allclose(alone.stage2_scores(patches, features), expected, atol=1e-4)
+
+
+def test_detect_misses_agrees_with_evaluate(detector: LungNoduleDetector, nodule_phantom: Path) -> None:
+    """The development tool that says where nodules are lost reads the same candidates, scores
+    and hits as ``dicom-node evaluate`` does."""
+    from benchmarks.detect_misses import SUBSETS, study_fates
+    from workers.evaluate import match, run_study
+
+    fates, fp_scores = study_fates(detector, nodule_phantom, SUBSETS["all"])
+    scan = run_study(nodule_phantom, detector)
+    hits = match(scan)
+    assert len(fates) == len(scan.nodules) == 4
+    for k, fate in enumerate(fates):
+        best = max((c.score for c, h in zip(scan.candidates, hits, strict=True) if h == k), default=None)
+        assert (fate.score is None) == (best is None) == (fate.lost_at is not None), (fate, best)
+        if best is not None:
+            assert fate.score == pytest.approx(best, abs=1e-4)
+    evaluated_fps = sorted(c.score for c, h in zip(scan.candidates, hits, strict=True) if h < 0)
+    assert sorted(fp_scores) == pytest.approx(evaluated_fps, abs=1e-4)

@@ -1,13 +1,19 @@
 """The training script of the detector's false-positive reduction: jittered positive patches
-stay on the nodule, differ from the plain patch, and leave the candidates untouched; the
-threshold keeps to the FP target and stays above every score on the nodule-free chests."""
+stay on the nodule, differ from the plain patch, and leave the candidates untouched; context
+channels show the same centre on a wider cube; the threshold keeps to the FP target and stays
+above every score on the nodule-free chests."""
 
 from __future__ import annotations
 
-import numpy as np
+import hashlib
+import json
+from pathlib import Path
 
-from workers.models.lung_nodules import Candidates, LungNoduleDetector
-from workers.models.nodule_classifier import PATCH, PATCH_RADII
+import numpy as np
+import torch
+
+from workers.models.lung_nodules import FEATURE_NAMES, Candidates, LungNoduleDetector
+from workers.models.nodule_classifier import PATCH, PATCH_RADII, FeatureMlp, FpReducer, PatchCnn
 from workers.models.train_fp_reduction import (
     CLEAN_MARGIN,
     JITTER_SCALE,
@@ -88,3 +94,32 @@ def test_threshold_rises_above_the_highest_score_on_a_nodule_free_chest() -> Non
     assert "nodule-free" in rule
     threshold, rule = calibrate_threshold(CURVE, 0.5, 0.995)
     assert threshold == 0.99 and "clamped" in rule
+
+
+def test_context_channels_see_the_same_centre_on_a_wider_cube(tmp_path: Path) -> None:
+    """With ``context``, the patches get two channels from a cube that many times wider (the
+    plain two unchanged), and a card saying so loads a CNN that takes them."""
+    detector = LungNoduleDetector(device="cpu")
+    cands = _one_nodule()
+    which = np.array([0])
+    plain = detector.patches(cands, which)
+    wide = detector.patches(cands, which, context=2.0)
+    assert wide.shape == (1, 4, PATCH, PATCH, PATCH)
+    assert torch.equal(wide[:, :2], plain)
+    on_plain = int((plain[0, 0] > 0.5).sum())
+    on_wide = int((wide[0, 2] > 0.5).sum())
+    # twice the side: the nodule fills about an eighth of the voxels it fills in the plain cube
+    assert 0.05 * on_plain <= on_wide <= 0.3 * on_plain
+    c = PATCH // 2
+    assert bool((wide[0, 2, c - 1 : c + 1, c - 1 : c + 1, c - 1 : c + 1] > 0.5).all())
+
+    n = len(FEATURE_NAMES)
+    torch.manual_seed(3)
+    pt = tmp_path / "fp.pt"
+    torch.save({"stage1": FeatureMlp(n).state_dict(), "stage2": PatchCnn(n, channels=4).state_dict()}, pt)
+    card = {"file": pt.name, "sha256": hashlib.sha256(pt.read_bytes()).hexdigest(), "features": list(FEATURE_NAMES), "context": 2.0}
+    (tmp_path / "fp.json").write_text(json.dumps(card))
+    reducer = FpReducer.load(tmp_path / "fp.json")
+    assert reducer.context == 2.0
+    scores = reducer.stage2_scores(wide, np.zeros((1, n)))
+    assert scores.shape == (1,) and 0.0 < scores[0] < 1.0

@@ -220,8 +220,9 @@ def _peak_rss_mb() -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_study(folder: Path, detector: Any) -> ScanResult:
-    """Load the study in ``folder`` (the series the detector would choose) and run the detector."""
+def load_study(folder: Path, requirements: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """The volume of the series in ``folder`` that a model with ``requirements`` would choose
+    (through the worker's selection and loader), and the ground-truth nodules."""
     from workers.selection import select_series
     from workers.volume import load_series, read_header
 
@@ -237,12 +238,17 @@ def run_study(folder: Path, detector: Any) -> ScanResult:
         uid = str(ds.get("SeriesInstanceUID", ""))
         headers.setdefault(uid, []).append(ds)
         paths.setdefault(uid, []).append(f)
-    reset = _reset_peak_rss()
-    t0 = time.perf_counter()
-    chosen = select_series(headers, detector.requirements)
+    chosen = select_series(headers, requirements)
     if chosen.series_instance_uid is None:
         raise ValueError(f"{folder.name}: no series qualifies ({'; '.join(chosen.reasons.values())})")
-    volume = load_series(paths[chosen.series_instance_uid])
+    return load_series(paths[chosen.series_instance_uid]), list(truth.get("nodules", []))
+
+
+def run_study(folder: Path, detector: Any) -> ScanResult:
+    """Load the study in ``folder`` (the series the detector would choose) and run the detector."""
+    reset = _reset_peak_rss()
+    t0 = time.perf_counter()
+    volume, nodules = load_study(folder, detector.requirements)
     load_s = time.perf_counter() - t0
     result = detector.predict(volume)
     detector_s = result.runtime_seconds
@@ -253,7 +259,7 @@ def run_study(folder: Path, detector: Any) -> ScanResult:
         candidates = [Candidate(tuple(c["center_mm"]), float(c["score"])) for c in cands]
     scan = ScanResult(
         name=folder.name,
-        nodules=list(truth.get("nodules", [])),
+        nodules=nodules,
         candidates=candidates,
         findings=[Candidate(tuple(f.center_mm), float(f.confidence)) for f in result.findings],
         detector_seconds=detector_s,

@@ -141,6 +141,21 @@ class Candidates:
         return np.stack([k, j, i], axis=1)
 
 
+@dataclass
+class Ranking:
+    """What stage 5 made of a volume's candidates (indices into :class:`Candidates`)."""
+
+    scored: np.ndarray
+    """Candidates re-scored by stage 2 (stage 1's best), with ``stage2`` their scores."""
+    stage2: np.ndarray
+    kept: np.ndarray
+    """``scored`` left after suppression within a better candidate's radius."""
+    final: np.ndarray
+    """``kept`` left after suppression on a better candidate's object, best first."""
+    scores: np.ndarray
+    """(N,) the score of every candidate (0 where not scored), as merged onto the survivors."""
+
+
 class LungNoduleDetector:
     """Reference lung-nodule detector (see the module docstring). Not a medical device."""
 
@@ -284,24 +299,40 @@ class LungNoduleDetector:
             return np.arange(len(f)), blob * contrast
         s1 = self._classifier.stage1_scores(f)
         top = np.argsort(-s1)[: self._classifier.top_k]
-        patches = self.patches(cands, top)
+        patches = self.patches(cands, top, context=self._classifier.context)
         return top, self._classifier.stage2_scores(patches, f[top])
 
-    def patches(self, cands: Candidates, which: np.ndarray) -> torch.Tensor:
-        """Stage-2 input patches of the candidates ``which`` (see ``sample_patches``)."""
+    def rank(self, cands: Candidates) -> Ranking:
+        """Stage 5 in full: both learned stages, then the two suppressions."""
+        which, stage2 = self.score(cands)
+        kept = which[_suppress(cands, which, stage2)]
+        full = np.zeros(len(cands.points))
+        full[which] = stage2
+        final = kept
+        if cands.image is not None:
+            final, full = merge_objects(
+                cands.points, cands.radius_mm, full, kept, cands.image, cands.mask, cands.spacing, cands.lung_level
+            )
+        return Ranking(scored=which, stage2=stage2, kept=kept, final=final, scores=full)
+
+    def patches(self, cands: Candidates, which: np.ndarray, context: float | None = None) -> torch.Tensor:
+        """Stage-2 input patches of the candidates ``which`` (see ``sample_patches``); with
+        ``context``, two more channels from a cube that many times wider."""
         f = cands.factor
         pts = cands.points[which].astype(np.float64) + cands.offsets[which]
         centres = np.stack([pts[:, 0], pts[:, 1] * f + (f - 1) / 2, pts[:, 2] * f + (f - 1) / 2], axis=1)
         px = (cands.spacing[1] / f, cands.spacing[2] / f)
-        return sample_patches(
-            torch.from_numpy(np.ascontiguousarray(cands.grid.array)),
-            torch.from_numpy(cands.mask),
-            centres,
-            (cands.spacing[0], px[0], px[1]),
-            (1.0, float(f), float(f)),
-            cands.radius_mm[which],
-            mask_origin=(0.0, (f - 1) / 2, (f - 1) / 2),
-        )
+        image = torch.from_numpy(np.ascontiguousarray(cands.grid.array))
+        mask = torch.from_numpy(cands.mask)
+        spacing = (cands.spacing[0], px[0], px[1])
+        origin = (0.0, (f - 1) / 2, (f - 1) / 2)
+        radius = cands.radius_mm[which]
+        scales = [1.0] if not context else [1.0, context]
+        cubes = [
+            sample_patches(image, mask, centres, spacing, (1.0, f, f), radius, mask_origin=origin, side_scale=scale)
+            for scale in scales
+        ]
+        return torch.cat(cubes, dim=1)
 
     def predict(self, volume: Volume) -> DetectionResult:
         """Find nodules in ``volume`` (see the module docstring)."""
@@ -312,15 +343,9 @@ class LungNoduleDetector:
         try:
             cands = self.candidates(volume)
             t = time.perf_counter()
-            which, scores = self.score(cands)
-            keep = which[_suppress(cands, which, scores)]
-            full = np.zeros(len(cands.points))
-            full[which] = scores
-            if cands.image is not None:
-                keep, full = merge_objects(
-                    cands.points, cands.radius_mm, full, keep, cands.image, cands.mask, cands.spacing, cands.lung_level
-                )
-            scores = full[keep]
+            ranking = self.rank(cands)
+            keep = ranking.final
+            scores = ranking.scores[keep]
             cands_points = cands.points[keep]
             radius = cands.radius_mm[keep]
             source = cands.source_ijk(cands_points + cands.offsets[keep])

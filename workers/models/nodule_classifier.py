@@ -57,17 +57,19 @@ class FeatureMlp(nn.Module):
 
 
 class PatchCnn(nn.Module):
-    """Stage 2: (N, 2, 16, 16, 16) patches + standardised features -> logit."""
+    """Stage 2: (N, C, 16, 16, 16) patches + standardised features -> logit. ``channels`` is 2
+    (density and lung mask at the candidate's scale) or 4 (the same again on a cube ``context``
+    times wider, so the CNN sees where a vessel under the candidate runs on to)."""
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, n_features: int) -> None:
+    def __init__(self, n_features: int, channels: int = 2) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
         self.conv = nn.Sequential(
-            nn.Conv3d(2, 16, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+            nn.Conv3d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
             nn.Conv3d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
             nn.Conv3d(32, 48, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool3d(1),
         )  # fmt: skip
@@ -87,18 +89,19 @@ def sample_patches(
     mask_scale: tuple[float, float, float],
     radius_mm: np.ndarray,
     mask_origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    side_scale: float = 1.0,
 ) -> torch.Tensor:
     """Scale-normalised patches around fractional voxel centres of ``image``.
 
     ``image`` (K, R, C) is HU at ``spacing_image`` mm; ``mask`` is the lung mask on a grid whose
     index is ``(image index - mask_origin) / mask_scale`` (per axis). Returns (N, 2, 16, 16, 16):
     density mapped to 0..1 over -1000..200 HU, and the mask, sampled trilinearly on a cube of
-    side ``clip(6 r, 12, 90)`` mm, axes in patient-aligned (k, j, i) order.
+    side ``clip(6 r, 12, 90)`` mm (times ``side_scale``), axes in patient-aligned (k, j, i) order.
     """
     n = len(centres_ijk)
     if n == 0:
         return torch.zeros((0, 2, PATCH, PATCH, PATCH))
-    side = np.clip(PATCH_RADII * radius_mm, MIN_SIDE_MM, MAX_SIDE_MM)
+    side = np.clip(PATCH_RADII * radius_mm, MIN_SIDE_MM, MAX_SIDE_MM) * side_scale
     offsets = (np.arange(PATCH) - (PATCH - 1) / 2) / PATCH  # fractions of the side
     sp = np.array(spacing_image)
     # Sample positions in image index space: (N, P, P, P, 3) as (k, j, i).
@@ -159,6 +162,8 @@ class FpReducer:
         self.sha256 = sha256
         self.card = card or {}
         self.views = int(self.card.get("views", 1))
+        self.context = float(self.card.get("context") or 0.0) or None
+        """Side factor of the stage-2 context channels; None when the patches have none."""
 
     @classmethod
     def load(cls, card_path: Path) -> FpReducer:
@@ -183,7 +188,7 @@ class FpReducer:
         stage2_states = state["stage2"] if isinstance(state["stage2"], list) else [state["stage2"]]
         stage2 = []
         for stage2_state in stage2_states:
-            model = PatchCnn(len(features))
+            model = PatchCnn(len(features), channels=4 if card.get("context") else 2)
             model.load_state_dict(stage2_state)
             stage2.append(model)
         return cls(

@@ -21,7 +21,9 @@ What it does:
    ``--jitter N``, each positive candidate adds N more patches sampled around a centre moved by
    up to ``JITTER_SHIFT`` of its radius per axis and at a scale off by up to ``JITTER_SCALE``
    (the detector's peak on a nodule beside a vessel is often off-centre and at the wrong scale);
-   with ``--ensemble N``, N such CNNs from different random seeds, whose logits are averaged.
+   with ``--ensemble N``, N such CNNs from different random seeds, whose logits are averaged;
+   with ``--context F``, the patches get two more channels from a cube F times wider (the
+   vessel a candidate sits on, and where it runs on to).
 4. The whole detector is run on the validation seeds; the FROC and the threshold giving about
    half a false positive per scan (``--target-fp``) are written to the card. The threshold is
    raised, if need be, to just above the highest score the detector gives on a few nodule-free
@@ -195,7 +197,12 @@ def rebuild_candidates(data: ScanData, volume: Volume) -> Candidates:
 
 
 def jittered_patches(
-    detector: LungNoduleDetector, cands: Candidates, which: np.ndarray, copies: int, rng: np.random.Generator
+    detector: LungNoduleDetector,
+    cands: Candidates,
+    which: np.ndarray,
+    copies: int,
+    rng: np.random.Generator,
+    context: float | None = None,
 ) -> list[torch.Tensor]:
     """``copies`` more patches of the candidates ``which``, each from a centre moved by up to
     ``JITTER_SHIFT`` radii per axis and a radius scaled by up to ``exp(±JITTER_SCALE)``."""
@@ -206,7 +213,7 @@ def jittered_patches(
         moved = replace(cands, offsets=cands.offsets.copy(), radius_mm=cands.radius_mm.copy())
         moved.offsets[which] += shift_mm / np.asarray(cands.spacing)
         moved.radius_mm[which] = radius * np.exp(rng.uniform(-JITTER_SCALE, JITTER_SCALE, len(which)))
-        out.append(detector.patches(moved, which))
+        out.append(detector.patches(moved, which, context=context))
     return out
 
 
@@ -251,7 +258,7 @@ def train_stage2(
     torch.manual_seed(seed)
     f = torch.from_numpy(features.astype(np.float32))
     y = torch.from_numpy(labels.astype(np.float32))
-    model = PatchCnn(f.shape[1])
+    model = PatchCnn(f.shape[1], channels=patches.shape[1])
     model.mean.copy_(f.mean(0))
     model.std.copy_(f.std(0) + 1e-6)
     pos = float(y.sum())
@@ -368,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         "--jitter", type=int, default=0, help="extra patches per positive candidate, from moved centres and scales"
     )
     ap.add_argument("--views", type=int, default=4, help="test-time views of each stage-2 patch")
+    ap.add_argument(
+        "--context", type=float, default=0.0, help="also give stage 2 a cube this many times wider (0: none)"
+    )
     ap.add_argument("--ensemble", type=int, default=1, help="stage-2 CNNs trained from different seeds (logits averaged)")
     ap.add_argument(
         "--clean-seeds",
@@ -385,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("training, validation and nodule-free seeds overlap")
     if args.ensemble < 1:
         ap.error("--ensemble needs at least one model")
+    if args.context and args.context <= 1.0:
+        ap.error("--context is a side factor above 1 (or 0 for none)")
     args.cache.mkdir(parents=True, exist_ok=True)
     started = time.time()
     detector = LungNoduleDetector(weights=None, threshold=0.0)
@@ -403,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     print("stage 1", flush=True)
     stage1 = train_stage1([data[s] for s in train_seeds], epochs=args.epochs1)
     reducer = FpReducer(stage1, PatchCnn(len(FEATURE_NAMES)), FEATURE_NAMES, top_k=args.top_k)
+    context = args.context or None
 
     print("stage 2: patches of the top candidates", flush=True)
     all_patches, all_feats, all_labels = [], [], []
@@ -415,12 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         cands = rebuild_candidates(d, volume)
         top = np.argsort(-reducer.stage1_scores(d.features))[: args.top_k]
         recall.append(len(set(d.hit[top][d.hit[top] >= 0].tolist())) / max(1, len(set(d.hit[d.hit >= 0].tolist()))))
-        all_patches.append(detector.patches(cands, top))
+        all_patches.append(detector.patches(cands, top, context=context))
         all_feats.append(d.features[top])
         all_labels.append((d.hit[top] >= 0).astype(np.float32))
         positive = top[d.hit[top] >= 0]
         if args.jitter and len(positive):
-            for extra in jittered_patches(detector, cands, positive, args.jitter, rng):
+            for extra in jittered_patches(detector, cands, positive, args.jitter, rng, context):
                 all_patches.append(extra)
                 all_feats.append(d.features[positive])
                 all_labels.append(np.ones(len(positive), dtype=np.float32))
@@ -435,13 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         stage2.append(train_stage2(patches, feats, labels, epochs=args.epochs2, seed=member))
         print(f"  stage-2 model {member + 1}/{args.ensemble} trained ({time.time() - t:.0f} s)", flush=True)
-    reducer = FpReducer(stage1, stage2, FEATURE_NAMES, top_k=args.top_k, card={"views": args.views})
+    reducer = FpReducer(stage1, stage2, FEATURE_NAMES, top_k=args.top_k, card={"views": args.views, "context": context})
 
     print("validation", flush=True)
     first_model: dict[str, Any] | None = None
     if len(stage2) > 1:
         # The same scans scored by the first model alone, so the card shows what the ensemble adds.
-        single = FpReducer(stage1, stage2[:1], FEATURE_NAMES, top_k=args.top_k, card={"views": args.views})
+        single = FpReducer(stage1, stage2[:1], FEATURE_NAMES, top_k=args.top_k, card={"views": args.views, "context": context})
         single_all, single_solid = validate(detector, single, val_seeds, args.cache, args.nodules)
         print(f"  first model alone: all >= 4 mm: {single_all['sensitivity_at']}", flush=True)
         print(f"  first model alone: solid >= 5 mm: {single_solid['sensitivity_at']}", flush=True)
@@ -473,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage1_hidden": 32,
         "top_k": args.top_k,
         "views": args.views,
+        **({"context": context} if context else {}),
         "stage2_models": len(stage2),
         "threshold": round(threshold, 5),
         "threshold_rule": rule,

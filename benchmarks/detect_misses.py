@@ -31,11 +31,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-SUBSETS: dict[str, Any] = {
-    "all": lambda n: True,
-    "all_ge_4mm": lambda n: float(n["diameter_mm"]) >= 4.0,
-    "solid_ge_5mm": lambda n: float(n["diameter_mm"]) >= 5.0 and n.get("type") in ("solid", "juxtapleural"),
-}
+from workers.evaluate import SUBSETS  # noqa: E402  (the repository must be on sys.path first when run as a script)
+
 MAX_LISTED = 500  # the detector lists at most this many candidates per study for the FROC
 
 

@@ -36,6 +36,13 @@ TRUTH_FILE = "truth.json"
 
 Select = Callable[[dict[str, Any]], bool]
 
+SUBSETS: dict[str, Select] = {
+    "all": lambda n: True,
+    "all_ge_4mm": lambda n: float(n["diameter_mm"]) >= 4.0,
+    "solid_ge_5mm": lambda n: float(n["diameter_mm"]) >= 5.0 and n.get("type") in ("solid", "juxtapleural"),
+}
+"""The nodule subsets the FROC is reported for (issue 5's targets use the last two)."""
+
 
 @dataclass
 class Candidate:
@@ -286,11 +293,7 @@ class Report:
 
     def summary(self) -> dict[str, Any]:
         scans = self.scans
-        subsets: dict[str, Select] = {
-            "all": lambda n: True,
-            "all_ge_4mm": lambda n: float(n["diameter_mm"]) >= 4.0,
-            "solid_ge_5mm": lambda n: float(n["diameter_mm"]) >= 5.0 and n.get("type") in ("solid", "juxtapleural"),
-        }
+        subsets = SUBSETS
         det = np.array([s.detector_seconds for s in scans]) if scans else np.zeros(0)
         rss = [s.peak_rss_mb for s in scans if s.peak_rss_mb is not None]
         return {
@@ -374,8 +377,8 @@ def plot_froc(scans: Sequence[ScanResult], path: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for label, sel in (
         ("all nodules", None),
-        ("all types >= 4 mm", lambda n: float(n["diameter_mm"]) >= 4.0),
-        ("solid >= 5 mm", lambda n: float(n["diameter_mm"]) >= 5.0 and n.get("type") in ("solid", "juxtapleural")),
+        ("all types >= 4 mm", SUBSETS["all_ge_4mm"]),
+        ("solid >= 5 mm", SUBSETS["solid_ge_5mm"]),
     ):
         f = froc(scans, sel)
         if not f["nodules"]:

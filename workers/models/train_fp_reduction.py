@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from dicom_node.synth import PhantomSpec, make_phantom
-from workers.evaluate import Candidate, ScanResult, _assign, froc
+from workers.evaluate import SUBSETS, Candidate, ScanResult, _assign, froc
 from workers.models import nodule_ops as ops
 from workers.models.lung_nodules import FEATURE_NAMES, Candidates, LungNoduleDetector
 from workers.models.nodule_classifier import FeatureMlp, FpReducer, PatchCnn
@@ -300,8 +300,8 @@ def validate(
                 findings=[],
             )
         )
-    f_all = froc(scans, lambda n: n["diameter_mm"] >= 4.0)
-    f_solid = froc(scans, lambda n: n["diameter_mm"] >= 5.0 and n["type"] in ("solid", "juxtapleural"))
+    f_all = froc(scans, SUBSETS["all_ge_4mm"])
+    f_solid = froc(scans, SUBSETS["solid_ge_5mm"])
     return f_all, f_solid
 
 

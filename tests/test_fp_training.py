@@ -1,6 +1,7 @@
 """The training script of the detector's false-positive reduction: jittered positive patches
 stay on the nodule, differ from the plain patch, and leave the candidates untouched; context
-channels show the same centre on a wider cube; the threshold keeps to the FP target and stays
+channels show the same centre on a wider cube; hard negatives are the false candidates on thick
+vessels' branch points and ends; the threshold keeps to the FP target and stays
 above every score on the nodule-free chests."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from workers.models.train_fp_reduction import (
     JITTER_SCALE,
     JITTER_SHIFT,
     calibrate_threshold,
+    hard_negatives,
     jittered_patches,
     phantom_volume,
 )
@@ -123,3 +125,30 @@ def test_context_channels_see_the_same_centre_on_a_wider_cube(tmp_path: Path) ->
     assert reducer.context == 2.0
     scores = reducer.stage2_scores(wide, np.zeros((1, n)))
     assert scores.shape == (1,) and 0.0 < scores[0] < 1.0
+
+
+def test_hard_negatives_are_the_false_candidates_on_thick_branch_points_and_ends() -> None:
+    landmarks = np.array(
+        [
+            [0.0, 0.0, 0.0, 3.0, 2],  # thick branch point
+            [50.0, 0.0, 0.0, 2.0, 0],  # thick free end
+            [100.0, 0.0, 0.0, 3.0, 1],  # thick bend: not a hard spot
+            [150.0, 0.0, 0.0, 0.5, 2],  # thin branch point
+        ]
+    )
+    centres = np.array(
+        [
+            [6.0, 0.0, 0.0],  # its 4 mm sphere reaches the 3 mm branch point
+            [0.0, 8.0, 0.0],  # its 4 mm sphere does not
+            [50.0, 3.5, 0.0],  # its 2 mm sphere reaches the 2 mm end
+            [100.0, 0.0, 0.0],  # on the bend
+            [150.0, 2.0, 0.0],  # its sphere reaches the thin branch point: thin, so not hard
+            [1.0, 1.0, 0.0],  # on the branch point, but it hits a nodule
+        ]
+    )
+    radius = np.array([4.0, 4.0, 2.0, 4.0, 2.0, 4.0])
+    hit = np.array([-1, -1, -1, -1, -1, 3])
+    assert hard_negatives(centres, radius, hit, landmarks, 1.25).tolist() == [0, 2]
+    assert hard_negatives(centres, radius, hit, landmarks, 0.4).tolist() == [0, 2, 4]
+    assert hard_negatives(centres, radius * 0.5, hit, landmarks, 1.25).tolist() == []
+    assert hard_negatives(centres, radius, hit, landmarks[:0], 1.25).tolist() == []

@@ -177,3 +177,26 @@ def test_juxtavascular_share_puts_nodules_against_vessels() -> None:
     assert sum(attached) > sum(natural_attached), (attached, natural_attached)
     with pytest.raises(ValueError, match="juxtavascular"):
         PhantomSpec(juxtavascular=1.5)
+
+
+def test_vessel_landmarks_are_on_the_vessels_and_tell_branches_from_ends() -> None:
+    """The branch points, bends and free ends the training uses as hard negatives: each thick
+    one lies in vessel-dense pixels, and the children counts add up to the tree's segments."""
+    ph = make_phantom(PhantomSpec(seed=8, slices=80, matrix=256, pixel_spacing=0.75, slice_thickness=1.25, nodules=0))
+    marks = ph.vessel_landmarks
+    assert marks.shape == (ph.vessel_segments, 5)
+    children = marks[:, 4].astype(int)
+    assert set(np.unique(children)) <= {0, 1, 2}
+    assert (children == 2).sum() > 100 and (children == 0).sum() > 100
+    # Every segment but the trunks starts where another one ends.
+    trunks = 22  # at most 11 per hilum
+    assert ph.vessel_segments - trunks <= int(children.sum()) <= ph.vessel_segments
+    thick = marks[marks[:, 3] >= 2.0]
+    assert len(thick) > 10
+    k = np.rint((ph.z_top - thick[:, 2]) / ph.spec.slice_thickness).astype(int)
+    j = np.rint((thick[:, 1] - ph.y0) / ph.spec.pixel_spacing).astype(int)
+    i = np.rint((thick[:, 0] - ph.x0) / ph.spec.pixel_spacing).astype(int)
+    inside = (k >= 0) & (k < ph.hu.shape[0])
+    assert inside.sum() > 10
+    centre_hu = ph.hu[k[inside], j[inside], i[inside]]
+    assert np.median(centre_hu) > -200, np.median(centre_hu)

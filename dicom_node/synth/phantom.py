@@ -14,7 +14,7 @@ import numpy as np
 from dicom_node.synth import raster
 from dicom_node.synth.anatomy import BONE, SOFT, Chest
 from dicom_node.synth.nodules import NODULE_TYPES, NoduleTruth, beside_vessel, place_nodules
-from dicom_node.synth.vessels import LungField, grow_trees
+from dicom_node.synth.vessels import LungField, grow_trees, landmarks
 
 Progress = Callable[[str, float], None]
 """Progress callback: (stage name, fraction of the whole job done 0..1)."""
@@ -96,6 +96,8 @@ class Phantom:
     nodules: list[NoduleTruth]
     noise_hu: float
     vessel_segments: int
+    vessel_landmarks: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))
+    """Branch points, bends and free ends of the vessel trees (:func:`vessels.landmarks`)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -297,4 +299,5 @@ def make_phantom(spec: PhantomSpec, progress: Progress | None = None) -> Phantom
         nodules=nodules,
         noise_hu=float(noise),
         vessel_segments=len(segments),
+        vessel_landmarks=landmarks(segments),
     )

@@ -8,7 +8,7 @@ the classic false positives of nodule detection, which is why the phantom has th
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,3 +125,18 @@ def grow_trees(
         if r2 >= min_radius:
             queue.append((q, _unit(np.cos(t2) * d2 - np.sin(t2) * perp), r2))
     return segments
+
+
+def _point_key(p: np.ndarray) -> tuple[float, ...]:
+    return tuple(np.round(p, 6).tolist())
+
+
+def landmarks(segments: list[Segment]) -> np.ndarray:
+    """Where the trees branch, bend and end: one row ``(x, y, z, radius, children)`` per segment
+    end (patient mm; ``children`` 0 for a free end, 1 for a bend, 2 for a branch point).
+
+    These are the spots a nodule detector mistakes for nodules when the vessel is thick, so
+    training can show them to it as negatives."""
+    children = Counter(_point_key(seg.a) for seg in segments)
+    rows = [(*seg.b.tolist(), seg.rb, children[_point_key(seg.b)]) for seg in segments]
+    return np.array(rows, dtype=np.float64).reshape(-1, 5)

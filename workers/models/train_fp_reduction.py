@@ -23,7 +23,11 @@ What it does:
    (the detector's peak on a nodule beside a vessel is often off-centre and at the wrong scale);
    with ``--ensemble N``, N such CNNs from different random seeds, whose logits are averaged;
    with ``--context F``, the patches get two more channels from a cube F times wider (the
-   vessel a candidate sits on, and where it runs on to).
+   vessel a candidate sits on, and where it runs on to); with ``--hard-negatives N``, each
+   false candidate whose sphere reaches a branch point or free end of a vessel at least
+   ``--hard-min-radius`` thick (the phantom generator lists them) adds N more moved patches as
+   negatives, since
+   those spots are what the CNN most often takes for a nodule on a normal chest.
 4. The whole detector is run on the validation seeds; the FROC and the threshold giving about
    half a false positive per scan (``--target-fp``) are written to the card. The threshold is
    raised, if need be, to just above the highest score the detector gives on a few nodule-free
@@ -111,13 +115,20 @@ def phantom_volume(hu: np.ndarray, truth: dict[str, Any]) -> Volume:
 def load_phantom(seed: int, cache: Path, nodules: int, juxtavascular: float = 0.0) -> tuple[np.ndarray, dict[str, Any]]:
     """The phantom of ``seed``: from the cache, or generated and cached."""
     arr_path, truth_path = cache / f"phantom-{seed}.npy", cache / f"phantom-{seed}.json"
-    if arr_path.is_file() and truth_path.is_file():
+    vessels_path = cache / f"vessels-{seed}.npy"
+    if arr_path.is_file() and truth_path.is_file() and vessels_path.is_file():
         return np.load(arr_path), json.loads(truth_path.read_text())
     phantom = make_phantom(phantom_spec(seed, nodules, juxtavascular))
     truth = phantom.truth()
     np.save(arr_path, phantom.hu)
+    np.save(vessels_path, phantom.vessel_landmarks)
     truth_path.write_text(json.dumps(truth))
     return phantom.hu, truth
+
+
+def vessel_landmarks(seed: int, cache: Path) -> np.ndarray:
+    """The vessel branch points, bends and ends of a phantom :func:`load_phantom` cached."""
+    return np.load(cache / f"vessels-{seed}.npy")
 
 
 @dataclass
@@ -215,6 +226,21 @@ def jittered_patches(
         moved.radius_mm[which] = radius * np.exp(rng.uniform(-JITTER_SCALE, JITTER_SCALE, len(which)))
         out.append(detector.patches(moved, which, context=context))
     return out
+
+
+def hard_negatives(
+    centres_mm: np.ndarray, radius_mm: np.ndarray, hit: np.ndarray, landmarks: np.ndarray, min_radius_mm: float
+) -> np.ndarray:
+    """Indices of the candidates that hit no nodule and whose sphere (centre, ``radius_mm``)
+    reaches a branch point or free end of a vessel at least ``min_radius_mm`` thick
+    (``landmarks`` as :func:`dicom_node.synth.vessels.landmarks` gives them): the vessel spots a
+    detector most often takes for nodules."""
+    spots = landmarks[(landmarks[:, 3] >= min_radius_mm) & (landmarks[:, 4] != 1)]
+    if not len(spots) or not len(centres_mm):
+        return np.zeros(0, dtype=np.int64)
+    dist = np.linalg.norm(centres_mm[:, None, :] - spots[None, :, :3], axis=2)
+    near = (dist <= radius_mm[:, None] + spots[None, :, 3]).any(axis=1)
+    return np.flatnonzero(near & (hit < 0))
 
 
 def train_stage1(scans: list[ScanData], *, epochs: int = 30, seed: int = 0) -> FeatureMlp:
@@ -374,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--jitter", type=int, default=0, help="extra patches per positive candidate, from moved centres and scales"
     )
+    ap.add_argument(
+        "--hard-negatives",
+        type=int,
+        default=0,
+        help="extra (moved) patches per stage-2 candidate on a thick vessel's branch point or end, as negatives",
+    )
+    ap.add_argument(
+        "--hard-min-radius", type=float, default=1.25, help="vessel radius (mm) from which its branch points count as hard"
+    )
     ap.add_argument("--views", type=int, default=4, help="test-time views of each stage-2 patch")
     ap.add_argument(
         "--context", type=float, default=0.0, help="also give stage 2 a cube this many times wider (0: none)"
@@ -420,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     print("stage 2: patches of the top candidates", flush=True)
     all_patches, all_feats, all_labels = [], [], []
     recall = []
+    hard_count = 0
     rng = np.random.default_rng(0)
     for seed in train_seeds:
         d = data[seed]
@@ -437,12 +473,19 @@ def main(argv: list[str] | None = None) -> int:
                 all_patches.append(extra)
                 all_feats.append(d.features[positive])
                 all_labels.append(np.ones(len(positive), dtype=np.float32))
+        hard = top[hard_negatives(d.centres_mm[top], cands.radius_mm[top], d.hit[top], vessel_landmarks(seed, args.cache), args.hard_min_radius)]
+        hard_count += len(hard)
+        if args.hard_negatives and len(hard):
+            for extra in jittered_patches(detector, cands, hard, args.hard_negatives, rng, context):
+                all_patches.append(extra)
+                all_feats.append(d.features[hard])
+                all_labels.append(np.zeros(len(hard), dtype=np.float32))
         del volume, cands
     print(f"  stage-1 recall of reachable nodules within top {args.top_k}: {np.mean(recall):.3f}", flush=True)
     patches = torch.cat(all_patches)
     feats = np.concatenate(all_feats)
     labels = np.concatenate(all_labels)
-    print(f"  {len(labels)} patches, {int(labels.sum())} positive", flush=True)
+    print(f"  {len(labels)} patches, {int(labels.sum())} positive, {hard_count} candidates on thick vessels' branch points or ends", flush=True)
     stage2 = []
     for member in range(args.ensemble):
         t = time.time()
@@ -497,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
             "nodules_per_phantom": args.nodules,
             "juxtavascular_share": args.juxtavascular,
             "jitter_copies": args.jitter,
+            "hard_negative_copies": args.hard_negatives,
+            "hard_negative_candidates": hard_count,
+            "hard_min_radius_mm": args.hard_min_radius,
             "candidates": int(sum(len(data[s].hit) for s in train_seeds)),
             "positive_candidates": int(sum(int((data[s].hit >= 0).sum()) for s in train_seeds)),
             "stage2_patches": len(labels),

@@ -133,7 +133,8 @@ def _point_key(p: np.ndarray) -> tuple[float, ...]:
 
 def landmarks(segments: list[Segment]) -> np.ndarray:
     """Where the trees branch, bend and end: one row ``(x, y, z, radius, children)`` per segment
-    end (patient mm; ``children`` 0 for a free end, 1 for a bend, 2 for a branch point).
+    end (patient mm; ``children`` 0 for a free end, 1 for a bend or a branch whose thinner arm
+    fell below the smallest radius, 2 for a branch point).
 
     These are the spots a nodule detector mistakes for nodules when the vessel is thick, so
     training can show them to it as negatives."""

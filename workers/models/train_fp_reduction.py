@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         help="extra (moved) patches per stage-2 candidate on a thick vessel's branch point or end, as negatives",
     )
     ap.add_argument(
-        "--hard-min-radius", type=float, default=1.25, help="vessel radius (mm) from which its branch points count as hard"
+        "--hard-min-radius", type=float, default=1.25, help="vessel radius (mm) from which its branch points and free ends count as hard"
     )
     ap.add_argument("--views", type=int, default=4, help="test-time views of each stage-2 patch")
     ap.add_argument(

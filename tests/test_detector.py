@@ -179,6 +179,44 @@ def test_ensemble_weights_average_the_stage2_logits(tmp_path: Path) -> None:
     assert not np.allclose(alone.stage2_scores(patches, features), expected, atol=1e-4)
 
 
+
+def test_a_mixed_ensemble_gives_its_plain_members_the_candidate_scale_channels_only(tmp_path: Path) -> None:
+    """A card naming each member's channels (``stage2_channels``) loads a member without context
+    next to one with it; the plain member scores the first two channels of the 4-channel patches,
+    and a card whose channels do not fit its weights is refused."""
+    import hashlib
+
+    import torch
+
+    from workers.models.lung_nodules import FEATURE_NAMES
+    from workers.models.nodule_classifier import PATCH, FeatureMlp, FpReducer, PatchCnn
+
+    n = len(FEATURE_NAMES)
+    torch.manual_seed(11)
+    stage1, plain, wide = FeatureMlp(n), PatchCnn(n, channels=2), PatchCnn(n, channels=4)
+    pt = tmp_path / "fp.pt"
+    torch.save({"stage1": stage1.state_dict(), "stage2": [plain.state_dict(), wide.state_dict()]}, pt)
+    card = {"file": pt.name, "sha256": hashlib.sha256(pt.read_bytes()).hexdigest(), "features": list(FEATURE_NAMES),
+            "views": 1, "context": 2.0, "stage2_channels": [2, 4]}  # fmt: skip
+    (tmp_path / "fp.json").write_text(json.dumps(card))
+
+    reducer = FpReducer.load(tmp_path / "fp.json")
+    assert [m.channels for m in reducer.stage2] == [2, 4] and reducer.context == 2.0
+    patches = torch.rand(3, 4, PATCH, PATCH, PATCH)
+    features = np.random.default_rng(1).normal(size=(3, n))
+    f = torch.from_numpy(features.astype(np.float32))
+    with torch.no_grad():
+        expected = torch.sigmoid((plain.eval()(patches[:, :2], f) + wide.eval()(patches, f)) / 2).numpy()
+    assert np.allclose(reducer.stage2_scores(patches, features), expected, atol=1e-6)
+
+    # Every member with context, as a card without stage2_channels would say: refused, with reasons.
+    (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in card.items() if k != "stage2_channels"}))
+    with pytest.raises(ModelLoadError, match="do not match the card"):
+        FpReducer.load(tmp_path / "bad.json")
+    (tmp_path / "short.json").write_text(json.dumps({**card, "stage2_channels": [4]}))
+    with pytest.raises(ModelLoadError, match="stage2_channels"):
+        FpReducer.load(tmp_path / "short.json")
+
 def test_detect_misses_agrees_with_evaluate(detector: LungNoduleDetector, nodule_phantom: Path) -> None:
     """The development tool that says where nodules are lost reads the same candidates, scores
     and hits as ``dicom-node evaluate`` does."""

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from workers.models.lung_nodules import FEATURE_NAMES, Candidates, LungNoduleDetector
@@ -22,6 +23,7 @@ from workers.models.train_fp_reduction import (
     calibrate_threshold,
     hard_negatives,
     jittered_patches,
+    main,
     phantom_volume,
 )
 from workers.volume import uniform_grid
@@ -152,3 +154,14 @@ def test_hard_negatives_are_the_false_candidates_on_thick_branch_points_and_ends
     assert hard_negatives(centres, radius, hit, landmarks, 0.4).tolist() == [0, 2, 4]
     assert hard_negatives(centres, radius * 0.5, hit, landmarks, 1.25).tolist() == []
     assert hard_negatives(centres, radius, hit, landmarks[:0], 1.25).tolist() == []
+
+
+def test_plain_members_need_context_and_a_member_with_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--plain-members`` (ensemble members without the context channels) is refused before any
+    work when no member would keep the context, or there is no context to leave out."""
+    for args in (["--ensemble", "2", "--plain-members", "1"], ["--context", "2", "--ensemble", "2", "--plain-members", "2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--cache", str(tmp_path / "cache"), *args])
+        assert exit_info.value.code == 2
+        assert "--plain-members needs --context" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()

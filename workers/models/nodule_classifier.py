@@ -3,7 +3,8 @@
 * **Stage 1**, an MLP over the 32 hand-made features of every candidate (thousands per scan),
   keeps the ``top_k`` most nodule-like.
 * **Stage 2**, a tiny 3D CNN (or an ensemble of them, trained from different seeds, whose
-  logits are averaged), looks at each of those as a scale-normalised patch (a cube of six
+  logits are averaged; members may differ in whether they see the context channels), looks at
+  each of those as a scale-normalised patch (a cube of six
   estimated radii, 16³ samples, two channels: density and lung mask) together with the
   features. It learns what the features cannot say well: a vessel stub leaving the
   mediastinum versus a nodule sitting on the pleura, a branch point versus a nodule touching a
@@ -66,6 +67,7 @@ class PatchCnn(nn.Module):
 
     def __init__(self, n_features: int, channels: int = 2) -> None:
         super().__init__()
+        self._channels = channels
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
         self.conv = nn.Sequential(
@@ -74,6 +76,11 @@ class PatchCnn(nn.Module):
             nn.Conv3d(32, 48, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool3d(1),
         )  # fmt: skip
         self.head = nn.Sequential(nn.Linear(48 + n_features, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    @property
+    def channels(self) -> int:
+        """Input channels: 2, or 4 with the context channels."""
+        return self._channels
 
     def forward(self, patches: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         z = self.conv(patches).flatten(1)
@@ -186,10 +193,23 @@ class FpReducer:
         stage1.load_state_dict(state["stage1"])
         # One stage-2 state dict, or a list of them (an ensemble).
         stage2_states = state["stage2"] if isinstance(state["stage2"], list) else [state["stage2"]]
+        # Every member sees the context channels when the card has them, unless the card names
+        # each member's channels (an ensemble mixing members with and without context).
+        channels = card.get("stage2_channels") or [4 if card.get("context") else 2] * len(stage2_states)
+        if len(channels) != len(stage2_states) or any(c not in (2, 4) for c in channels) or (
+            max(channels) == 4 and not card.get("context")
+        ):
+            raise ModelLoadError(
+                f"FP-reduction weights card {card_path.name}: stage2_channels {channels} does not fit "
+                f"{len(stage2_states)} stage-2 model(s) and context {card.get('context')}"
+            )
         stage2 = []
-        for stage2_state in stage2_states:
-            model = PatchCnn(len(features), channels=4 if card.get("context") else 2)
-            model.load_state_dict(stage2_state)
+        for stage2_state, n_channels in zip(stage2_states, channels, strict=True):
+            model = PatchCnn(len(features), channels=int(n_channels))
+            try:
+                model.load_state_dict(stage2_state)
+            except RuntimeError as exc:
+                raise ModelLoadError(f"FP-reduction weights {weights.name} do not match the card: {exc}") from exc
             stage2.append(model)
         return cls(
             stage1,
@@ -220,7 +240,10 @@ class FpReducer:
             for start in range(0, len(features), 256):
                 f = torch.from_numpy(features[start : start + 256].astype(np.float32))
                 p = patches[start : start + 256]
-                logits = torch.stack([m(_view(p, v), f) for m in self.stage2 for v in range(views)]).mean(0)
+                # A member without context takes the first two channels (the candidate's scale).
+                logits = torch.stack(
+                    [m(_view(p[:, : m.channels], v), f) for m in self.stage2 for v in range(views)]
+                ).mean(0)
                 out.append(torch.sigmoid(logits))
         return torch.cat(out).numpy().astype(np.float64)
 

@@ -23,7 +23,9 @@ What it does:
    (the detector's peak on a nodule beside a vessel is often off-centre and at the wrong scale);
    with ``--ensemble N``, N such CNNs from different random seeds, whose logits are averaged;
    with ``--context F``, the patches get two more channels from a cube F times wider (the
-   vessel a candidate sits on, and where it runs on to); with ``--hard-negatives N``, each
+   vessel a candidate sits on, and where it runs on to), and ``--plain-members N`` keeps the
+   first N ensemble members to the candidate-scale channels (a mixed ensemble); with
+   ``--hard-negatives N``, each
    false candidate whose sphere reaches a branch point or free end of a vessel at least
    ``--hard-min-radius`` thick (the phantom generator lists them) adds N more moved patches as
    negatives, since those spots are what the CNN most often takes for a nodule on a normal
@@ -415,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ensemble", type=int, default=1, help="stage-2 CNNs trained from different seeds (logits averaged)")
     ap.add_argument(
+        "--plain-members",
+        type=int,
+        default=0,
+        help="with --context: how many of the --ensemble CNNs (the first ones) see no context channels",
+    )
+    ap.add_argument(
         "--clean-seeds",
         default="1080-1087",
         help="nodule-free validation phantoms; the threshold stays above every score on them ('' for none)",
@@ -432,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--ensemble needs at least one model")
     if args.context and args.context <= 1.0:
         ap.error("--context is a side factor above 1 (or 0 for none)")
+    if args.plain_members and (not args.context or not 0 < args.plain_members < args.ensemble):
+        ap.error("--plain-members needs --context and leaves at least one of the --ensemble CNNs with context")
     args.cache.mkdir(parents=True, exist_ok=True)
     started = time.time()
     detector = LungNoduleDetector(weights=None, threshold=0.0)
@@ -489,15 +499,20 @@ def main(argv: list[str] | None = None) -> int:
     stage2 = []
     for member in range(args.ensemble):
         t = time.time()
-        stage2.append(train_stage2(patches, feats, labels, epochs=args.epochs2, seed=member))
+        member_patches = patches[:, :2] if member < args.plain_members else patches
+        stage2.append(train_stage2(member_patches, feats, labels, epochs=args.epochs2, seed=member))
         print(f"  stage-2 model {member + 1}/{args.ensemble} trained ({time.time() - t:.0f} s)", flush=True)
-    reducer = FpReducer(stage1, stage2, FEATURE_NAMES, top_k=args.top_k, card={"views": args.views, "context": context})
+    channels = [m.channels for m in stage2]
+    mixed = {"stage2_channels": channels} if len(set(channels)) > 1 else {}
+    reducer = FpReducer(
+        stage1, stage2, FEATURE_NAMES, top_k=args.top_k, card={"views": args.views, "context": context, **mixed}
+    )
 
     print("validation", flush=True)
     first_model: dict[str, Any] | None = None
     if len(stage2) > 1:
         # The same scans scored by the first model alone, so the card shows what the ensemble adds.
-        single = FpReducer(stage1, stage2[:1], FEATURE_NAMES, top_k=args.top_k, card={"views": args.views, "context": context})
+        single = FpReducer(stage1, stage2[:1], FEATURE_NAMES, top_k=args.top_k, card={"views": args.views, "context": context if channels[0] == 4 else None})
         single_all, single_solid = validate(detector, single, val_seeds, args.cache, args.nodules)
         print(f"  first model alone: all >= 4 mm: {single_all['sensitivity_at']}", flush=True)
         print(f"  first model alone: solid >= 5 mm: {single_solid['sensitivity_at']}", flush=True)
@@ -531,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         "views": args.views,
         **({"context": context} if context else {}),
         "stage2_models": len(stage2),
+        **mixed,
         "threshold": round(threshold, 5),
         "threshold_rule": rule,
         "training": {
@@ -541,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             "juxtavascular_share": args.juxtavascular,
             "jitter_copies": args.jitter,
             "hard_negative_copies": args.hard_negatives,
+            "plain_members": args.plain_members,
             "hard_negative_candidates": hard_count,
             "hard_min_radius_mm": args.hard_min_radius,
             "candidates": int(sum(len(data[s].hit) for s in train_seeds)),

@@ -25,11 +25,10 @@ What it does:
    with ``--context F``, the patches get two more channels from a cube F times wider (the
    vessel a candidate sits on, and where it runs on to), and ``--plain-members N`` keeps the
    first N ensemble members to the candidate-scale channels (a mixed ensemble); with
-   ``--hard-negatives N``, each
-   false candidate whose sphere reaches a branch point or free end of a vessel at least
-   ``--hard-min-radius`` thick (the phantom generator lists them) adds N more moved patches as
-   negatives, since those spots are what the CNN most often takes for a nodule on a normal
-   chest.
+   ``--hard-negatives N``, each false candidate whose sphere reaches a branch point or free end
+   of a vessel at least ``--hard-min-radius`` thick (the phantom generator lists them) adds N
+   more moved patches as negatives, since those spots are what the CNN most often takes for a
+   nodule on a normal chest.
 4. The whole detector is run on the validation seeds; the FROC and the threshold giving about
    half a false positive per scan (``--target-fp``) are written to the card. The threshold is
    raised, if need be, to just above the highest score the detector gives on a few nodule-free

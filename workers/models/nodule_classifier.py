@@ -5,9 +5,9 @@
 * **Stage 2**, a tiny 3D CNN (or an ensemble of them, trained from different seeds, whose
   logits are averaged; members may differ in whether they see the context channels), looks at
   each of those as a scale-normalised patch (a cube of six estimated radii, 16³ samples, two
-  channels: density and lung mask) together with the features. It learns what the features cannot say well: a vessel stub leaving the
-  mediastinum versus a nodule sitting on the pleura, a branch point versus a nodule touching a
-  vessel.
+  channels: density and lung mask) together with the features. It learns what the features
+  cannot say well: a vessel stub leaving the mediastinum versus a nodule sitting on the pleura,
+  a branch point versus a nodule touching a vessel.
 
 Both are trained on synthetic phantoms by ``python -m workers.models.train_fp_reduction``;
 the weights (``weights/lung_nodules_fp.pt``, under 100 kB) are loaded with

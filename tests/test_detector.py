@@ -179,7 +179,6 @@ def test_ensemble_weights_average_the_stage2_logits(tmp_path: Path) -> None:
     assert not np.allclose(alone.stage2_scores(patches, features), expected, atol=1e-4)
 
 
-
 def test_a_mixed_ensemble_gives_its_plain_members_the_candidate_scale_channels_only(tmp_path: Path) -> None:
     """A card naming each member's channels (``stage2_channels``) loads a member without context
     next to one with it; the plain member scores the first two channels of the 4-channel patches,
@@ -216,6 +215,7 @@ def test_a_mixed_ensemble_gives_its_plain_members_the_candidate_scale_channels_o
     (tmp_path / "short.json").write_text(json.dumps({**card, "stage2_channels": [4]}))
     with pytest.raises(ModelLoadError, match="stage2_channels"):
         FpReducer.load(tmp_path / "short.json")
+
 
 def test_detect_misses_agrees_with_evaluate(detector: LungNoduleDetector, nodule_phantom: Path) -> None:
     """The development tool that says where nodules are lost reads the same candidates, scores

@@ -21,6 +21,7 @@ from workers.models.train_fp_reduction import (
     JITTER_SCALE,
     JITTER_SHIFT,
     calibrate_threshold,
+    clean_bound,
     hard_negatives,
     jittered_patches,
     main,
@@ -86,18 +87,37 @@ CURVE = {"threshold": [0.99, 0.95, 0.9, 0.8, 0.6], "fps_per_scan": [0.0, 0.25, 0
 
 
 def test_threshold_is_the_lowest_within_the_fp_target() -> None:
-    assert calibrate_threshold(CURVE, 0.5, None) == (0.9, "0.5 FP/scan on the validation scans")
-    assert calibrate_threshold(CURVE, 1.0, None)[0] == 0.8
+    assert calibrate_threshold(CURVE, 0.5) == (0.9, "0.5 FP/scan on the validation scans")
+    assert calibrate_threshold(CURVE, 1.0, [])[0] == 0.8
     # a clean chest scoring below that threshold changes nothing
-    assert calibrate_threshold(CURVE, 0.5, 0.7)[0] == 0.9
+    assert calibrate_threshold(CURVE, 0.5, [0.7, 0.2])[0] == 0.9
 
 
 def test_threshold_rises_above_the_highest_score_on_a_nodule_free_chest() -> None:
-    threshold, rule = calibrate_threshold(CURVE, 0.5, 0.93)
+    threshold, rule = calibrate_threshold(CURVE, 0.5, [0.4, 0.93, 0.6])
     assert threshold == 0.93 + CLEAN_MARGIN and threshold > 0.93
     assert "nodule-free" in rule
-    threshold, rule = calibrate_threshold(CURVE, 0.5, 0.995)
+    threshold, rule = calibrate_threshold(CURVE, 0.5, [0.995])
     assert threshold == 0.99 and "clamped" in rule
+
+
+def test_a_clean_rate_lets_that_share_of_the_nodule_free_chests_keep_a_finding() -> None:
+    """With 20 chests and a rate of 0.1, the two highest may stay above the threshold, which
+    then clears the third; the rule says so. A rate too small to excuse one chest changes
+    nothing."""
+    clean = [0.5 + 0.02 * n for n in range(20)]  # 0.5 ... 0.88, highest last
+    threshold, rule = calibrate_threshold(CURVE, 0.5, clean, clean_rate=0.1)
+    assert threshold == 0.9  # the third highest (0.84) is below the FP-target threshold
+    assert sum(c >= threshold for c in clean) == 0
+    clean[-3:] = [0.97, 0.98, 0.96]
+    threshold, rule = calibrate_threshold(CURVE, 0.5, clean, clean_rate=0.1)
+    assert threshold == 0.96 + CLEAN_MARGIN
+    assert sum(c >= threshold for c in clean) == 2
+    assert "all but 2 of 20" in rule
+    assert calibrate_threshold(CURVE, 0.5, clean, clean_rate=0.04)[0] == 0.98 + CLEAN_MARGIN
+    assert clean_bound(clean, 0.05) == (0.97, 1)
+    assert clean_bound([], 0.0) is None
+    assert clean_bound([0.3], 0.5) == (0.3, 0)
 
 
 def test_context_channels_see_the_same_centre_on_a_wider_cube(tmp_path: Path) -> None:
@@ -164,4 +184,13 @@ def test_plain_members_need_context_and_a_member_with_it(tmp_path: Path, capsys:
             main(["--cache", str(tmp_path / "cache"), *args])
         assert exit_info.value.code == 2
         assert "--plain-members needs --context" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_clean_rate_outside_zero_to_one_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for rate in ("-0.1", "1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--cache", str(tmp_path / "cache"), "--clean-rate", rate])
+        assert exit_info.value.code == 2
+        assert "--clean-rate is a share" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()

@@ -32,7 +32,10 @@ What it does:
 4. The whole detector is run on the validation seeds; the FROC and the threshold giving about
    half a false positive per scan (``--target-fp``) are written to the card. The threshold is
    raised, if need be, to just above the highest score the detector gives on a few nodule-free
-   validation chests (``--clean-seeds``), so that a normal chest like them gets no finding.
+   validation chests (``--clean-seeds``), so that a normal chest like them gets no finding; with
+   ``--clean-rate R`` and many such chests, to just above the score that leaves at most a share
+   R of them with a finding (the single highest score over many chests is an outlier that
+   grows with their number).
 
 Seeds 9000 and above are reserved for the benchmark (``benchmarks/bench_detect.py``) and are
 refused here, so that the benchmark always measures on phantoms the weights never saw.
@@ -46,6 +49,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -349,22 +353,43 @@ def clean_scores(detector: LungNoduleDetector, reducer: FpReducer, seeds: list[i
 
 
 CLEAN_MARGIN = 0.001
-"""How far above the highest score on a nodule-free validation chest the threshold goes."""
+"""How far above the score it must clear on the nodule-free validation chests the threshold goes."""
 
 
-def calibrate_threshold(curve: dict[str, list[float]], target_fp: float, clean_max: float | None) -> tuple[float, str]:
+def clean_bound(clean: Sequence[float], clean_rate: float) -> tuple[float, int] | None:
+    """The score the threshold must stay above so that at most a share ``clean_rate`` of the
+    nodule-free chests (``clean``: the highest score on each) get a finding, and how many may.
+
+    ``clean_rate`` 0 keeps every chest clean (the bound is the highest score). ``None`` when
+    there are no chests, or the rate lets all of them have a finding."""
+    allowed = int(np.floor(clean_rate * len(clean) + 1e-9))
+    if allowed >= len(clean):
+        return None
+    return sorted(clean, reverse=True)[allowed], allowed
+
+
+def calibrate_threshold(
+    curve: dict[str, list[float]], target_fp: float, clean: Sequence[float] = (), clean_rate: float = 0.0
+) -> tuple[float, str]:
     """The operating threshold and the rule that set it.
 
     The lowest threshold on the validation FROC ``curve`` whose false positives per scan stay
-    at or below ``target_fp``; raised, when ``clean_max`` (the highest score on the nodule-free
-    validation chests) is given, to just above it, so that none of those chests gets a finding.
-    Kept within [0.05, 0.99]."""
+    at or below ``target_fp``; raised, when the highest scores on the nodule-free validation
+    chests (``clean``) call for it, to just above the score that leaves at most a share
+    ``clean_rate`` of those chests with a finding (0: none of them). Kept within [0.05, 0.99]."""
     threshold, rule = 0.5, f"no point at or below {target_fp} FP/scan"
     for fps, thr in zip(curve["fps_per_scan"], curve["threshold"], strict=True):
         if fps <= target_fp:
             threshold, rule = float(thr), f"{target_fp} FP/scan on the validation scans"
-    if clean_max is not None and clean_max + CLEAN_MARGIN > threshold:
-        threshold, rule = clean_max + CLEAN_MARGIN, "above the highest score on the nodule-free validation chests"
+    bound = clean_bound(clean, clean_rate)
+    if bound is not None and bound[0] + CLEAN_MARGIN > threshold:
+        score, allowed = bound
+        threshold = score + CLEAN_MARGIN
+        if allowed:
+            rule = (f"above the nodule-free validation chests, all but {allowed} of {len(clean)} "
+                    f"(at most {clean_rate:g} of them with a finding)")
+        else:
+            rule = "above the highest score on the nodule-free validation chests"
     clamped = min(max(threshold, 0.05), 0.99)
     if clamped != threshold:
         rule += f", clamped to {clamped}"
@@ -424,7 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--clean-seeds",
         default="1080-1087",
-        help="nodule-free validation phantoms; the threshold stays above every score on them ('' for none)",
+        help="nodule-free validation phantoms; the threshold stays above the scores on them ('' for none)",
+    )
+    ap.add_argument(
+        "--clean-rate",
+        type=float,
+        default=0.0,
+        help="share of the --clean-seeds chests allowed a finding at the threshold (0: none; "
+        "with many chests, their single highest score is an outlier the threshold need not clear)",
     )
     ap.add_argument("--target-fp", type=float, default=0.5, help="validation FP/scan at the operating point")
     ap.add_argument("--threads", type=int, default=2)
@@ -435,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"seeds from {RESERVED_SEEDS} on are reserved for the benchmark")
     if len({*train_seeds, *val_seeds, *clean_seeds}) != len(train_seeds) + len(val_seeds) + len(clean_seeds):
         ap.error("training, validation and nodule-free seeds overlap")
+    if not 0.0 <= args.clean_rate < 1.0:
+        ap.error("--clean-rate is a share from 0 up to (not including) 1")
     if args.ensemble < 1:
         ap.error("--ensemble needs at least one model")
     if args.context and args.context <= 1.0:
@@ -522,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     f_all, f_solid = validate(detector, reducer, val_seeds, args.cache, args.nodules)
     curve = f_all["curve"]
     clean = clean_scores(detector, reducer, clean_seeds, args.cache) if clean_seeds else []
-    threshold, rule = calibrate_threshold(curve, args.target_fp, max(clean) if clean else None)
+    threshold, rule = calibrate_threshold(curve, args.target_fp, clean, args.clean_rate)
     print(f"  all >= 4 mm: {f_all['sensitivity_at']}", flush=True)
     print(f"  solid >= 5 mm: {f_solid['sensitivity_at']}", flush=True)
     print(f"  highest scores on the nodule-free chests: {[round(c, 4) for c in clean]}", flush=True)
@@ -557,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             "jitter_copies": args.jitter,
             "hard_negative_copies": args.hard_negatives,
             "plain_members": args.plain_members,
+            "clean_rate": args.clean_rate,
             "hard_negative_candidates": hard_count,
             "hard_min_radius_mm": args.hard_min_radius,
             "candidates": int(sum(len(data[s].hit) for s in train_seeds)),

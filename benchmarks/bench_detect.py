@@ -160,11 +160,18 @@ def print_summary(summary: dict[str, object]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=20)
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=FIRST_SEED,
+        help="first phantom seed (another range gives a fresh set no earlier run has judged weights on)",
+    )
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=CACHE / "report")
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--clean", type=int, default=10, help=f"nodule-free chests (seeds from {CLEAN_FIRST_SEED}) checked for findings")
+    ap.add_argument("--clean", type=int, default=10, help="nodule-free chests checked for findings")
+    ap.add_argument("--clean-first-seed", type=int, default=CLEAN_FIRST_SEED, help="first nodule-free chest's seed")
     ap.add_argument("--weights", type=Path, help="FP-reduction weights card to measure instead of the shipped one")
     args = ap.parse_args()
 
@@ -174,8 +181,10 @@ def main() -> int:
     from workers.models.lung_nodules import LungNoduleDetector
 
     torch.set_num_threads(args.threads)
-    print(f"phantoms: {args.count} x {args.slices} x 512², seeds {FIRST_SEED}-{FIRST_SEED + args.count - 1}", flush=True)
-    folders = ensure_phantoms(args.count, args.slices)
+    if args.first_seed < FIRST_SEED or args.clean_first_seed < FIRST_SEED:
+        ap.error(f"benchmark seeds start at {FIRST_SEED}; lower ones are for development and training")
+    print(f"phantoms: {args.count} x {args.slices} x 512², seeds {args.first_seed}-{args.first_seed + args.count - 1}", flush=True)
+    folders = ensure_phantoms(args.count, args.slices, args.first_seed)
     detector = LungNoduleDetector(device="cpu", weights=args.weights)  # None: the shipped weights
     # Warm up once (imports, allocator) so the first study is not charged for it.
     from workers.volume import load_series
@@ -208,8 +217,9 @@ def main() -> int:
     main_summary = results["lung-nodules"]
     clean: dict[str, Any] | None = None
     if args.clean:
-        print(f"nodule-free chests: {args.clean}, seeds {CLEAN_FIRST_SEED}-{CLEAN_FIRST_SEED + args.clean - 1}", flush=True)
-        clean = nodule_free_findings(detector, ensure_phantoms(args.clean, args.slices, CLEAN_FIRST_SEED, nodules=0))
+        last = args.clean_first_seed + args.clean - 1
+        print(f"nodule-free chests: {args.clean}, seeds {args.clean_first_seed}-{last}", flush=True)
+        clean = nodule_free_findings(detector, ensure_phantoms(args.clean, args.slices, args.clean_first_seed, nodules=0))
         main_summary["nodule_free"] = clean
         report_paths["lung-nodules"].write_text(json.dumps(main_summary, indent=2) + "\n")
     solid = main_summary["froc"]["solid_ge_5mm"]["sensitivity_at"]["1.0"]

@@ -22,8 +22,9 @@ How it works (all on the CPU in about 10 s for a 300 x 512² CT on 2 cores; CUDA
    (blob vs vessel), the response across scales, densities at the centre (unclipped too) and on
    spherical shells at 1.25, 1.75 and 2.5 radii (an isolated nodule has an empty shell; a vessel
    crosses it twice, a branch point three times), and the share of each shell outside the lung
-   (pleura) — ranked by an MLP; the best 500 are re-scored by a small 3D CNN over a
-   scale-normalised patch (:mod:`workers.models.nodule_classifier`; weights in
+   (pleura) — ranked by an MLP; the best 500 are re-scored by small 3D CNNs over a
+   scale-normalised patch, the shipped ones by two (one also sees a cube twice as wide), with
+   their logits averaged (:mod:`workers.models.nodule_classifier`; weights in
    ``weights/lung_nodules_fp.pt``, produced by ``python -m workers.models.train_fp_reduction``).
    Candidates within a better one's radius, or on a better one's segmented object (the rim
    peaks of a large nodule; see :func:`merge_objects`), are dropped.

@@ -353,7 +353,7 @@ def clean_scores(detector: LungNoduleDetector, reducer: FpReducer, seeds: list[i
 
 
 CLEAN_MARGIN = 0.001
-"""How far above the score it must clear on the nodule-free validation chests the threshold goes."""
+"""How far the threshold goes above the nodule-free chests' bound (:func:`clean_bound`)."""
 
 
 def clean_bound(clean: Sequence[float], clean_rate: float) -> tuple[float, int] | None:

@@ -2,10 +2,16 @@
 
 Settings are loaded once, by an entry point, from (highest priority first):
 
-1. environment variables with the prefix ``DICOM_NODE_`` (nested fields use ``__``, for example
+1. command-line options that set a setting (``dicom-node serve --receivers 4``);
+2. environment variables with the prefix ``DICOM_NODE_`` (nested fields use ``__``, for example
    ``DICOM_NODE_SCP__MAX_ASSOCIATIONS=20``);
-2. a TOML file given with ``--config`` (or ``DICOM_NODE_CONFIG``);
-3. the defaults below.
+3. a TOML file given with ``--config`` (or ``DICOM_NODE_CONFIG``);
+4. the defaults below.
+
+The layers merge table by table at every depth (:func:`deep_merge`): setting one key of
+``[scp]`` on the command line or in the environment keeps the file's other ``[scp]`` keys.
+List and map settings accept the forms an admin types (``tok1,tok2``, ``alice:pw1,bob:pw2``)
+as well as JSON; lists and maps of tables need JSON in an environment variable.
 
 The object is then passed down explicitly. Nothing in the package reads the environment or a
 config file at import time.
@@ -14,12 +20,15 @@ config file at import time.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
+import types
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -28,10 +37,19 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from dicom_node.errors import ConfigError
 
@@ -59,8 +77,105 @@ def _check_ae_title(value: str, what: str) -> str:
     return stripped
 
 
+# Plain forms of list and map settings ----------------------------------------------------------
+#
+# Environment values reach validation as text unless they are a JSON array or object (see
+# _EnvironmentSource); the before-validator on every section reads that text into the list or
+# map the field wants, so one rule serves every list/map field, present and future.
+
+_PLAIN_FORM_ERROR = "settings_form"
+"""Error type of a value that could not be read; its input is never echoed (it may be a secret)."""
+
+_SCALARS: tuple[type, ...] = (str, int, float, bool, Path, SecretStr)
+
+
+def _is_scalar(annotation: Any) -> bool:
+    if get_origin(annotation) is Literal:
+        return True
+    return annotation in _SCALARS or (isinstance(annotation, type) and issubclass(annotation, Enum))
+
+
+def _text_shape(annotation: Any) -> str | None:
+    """How text given for a field of this type is read.
+
+    ``"list"``: comma-separated items or a JSON array; ``"map"``: ``name:value`` pairs or a
+    JSON object; ``"json"``: JSON only (containers of tables); ``None``: left as it is.
+    """
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) != 1:
+            return None
+        annotation = members[0]
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (list, set, frozenset, tuple):
+        return "list" if all(_is_scalar(a) for a in args if a is not Ellipsis) else "json"
+    if origin is dict:
+        return "map" if args and all(_is_scalar(a) for a in args) else "json"
+    if annotation in (list, dict) or (
+        isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    ):
+        return "json"
+    return None
+
+
+def _read_text(text: str, shape: str) -> Any:
+    """Read ``text`` given for a field of ``shape`` (see :func:`_text_shape`)."""
+    text = text.strip()
+    if shape == "json" or text[:1] in ("[", "{"):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "unreadable"
+            if isinstance(exc, json.JSONDecodeError):
+                reason += f" at character {exc.pos + 1}"
+            hint = (
+                "; a setting made of tables needs JSON in an environment variable "
+                '(e.g. [{"ae_title": "CT01"}]) or TOML tables in the --config file'
+                if shape == "json"
+                else ""
+            )
+            raise PydanticCustomError(
+                _PLAIN_FORM_ERROR,
+                "not valid JSON ({reason}){hint}",
+                {"reason": reason, "hint": hint},
+            ) from None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if shape == "list":
+        return items
+    pairs: dict[str, str] = {}
+    for number, item in enumerate(items, 1):
+        name, colon, value = item.partition(":")
+        if not colon or not name.strip():
+            raise PydanticCustomError(
+                _PLAIN_FORM_ERROR,
+                "item {number} is not a name:value pair; give comma-separated pairs such as "
+                "alice:pw1,bob:pw2, or a JSON object (needed when a value contains a comma)",
+                {"number": number},
+            )
+        if name.strip() in pairs:
+            raise PydanticCustomError(
+                _PLAIN_FORM_ERROR, "item {number} repeats a name", {"number": number}
+            )
+        pairs[name.strip()] = value.strip()
+    return pairs
+
+
+def _from_plain_form(fields: Mapping[str, FieldInfo], value: Any, info: ValidationInfo) -> Any:
+    """Turn text given for a list or map field into that list or map (other values pass)."""
+    field = fields.get(info.field_name or "")
+    if not isinstance(value, str) or field is None:
+        return value
+    shape = _text_shape(field.annotation)
+    return value if shape is None else _read_text(value, shape)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_forms(cls, value: Any, info: ValidationInfo) -> Any:
+        return _from_plain_form(cls.model_fields, value, info)
 
 
 class DuplicatePolicy(str, Enum):
@@ -135,6 +250,12 @@ class ScpSettings(_Section):
     not threads, the way to use more cores."""
     max_associations: int = Field(default=16, ge=1, le=1000)
     """Concurrent associations per receiver process."""
+    max_connections: int = Field(default=64, ge=1, le=10000)
+    """Open TCP connections per receiver process, associated or not. Connections over it are
+    refused on accept (A-ASSOCIATE-RJ, transient, local limit exceeded) before a thread exists;
+    between ``max_associations`` and this, pynetdicom reads the request and rejects it."""
+    max_connections_per_host: int = Field(default=32, ge=1, le=10000)
+    """Open TCP connections per peer address and receiver process (refused as above)."""
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
@@ -146,9 +267,14 @@ class ScpSettings(_Section):
     accept_unknown_sop_classes: bool = False
     """Also accept storage of private or unknown SOP classes."""
     accept_deflated: bool = True
-    """Accept Deflated Explicit VR Little Endian (inflation is bounded by max_instance_bytes)."""
+    """Accept Deflated Explicit VR Little Endian (inflation is bounded by max_decoded_bytes)."""
     max_instance_bytes: int = Field(default=2 * 1024**3, ge=1024)
     """Instances larger than this are refused with A700 and their partial file removed."""
+    max_decoded_bytes: int = Field(default=1024**3, ge=1024)
+    """Most bytes one instance may inflate (Deflated transfer syntax) or decode to (declared
+    Rows x Columns x samples x bytes x frames); refused with A700 beyond it, before anything
+    is allocated (:mod:`dicom_node.dataset_io`). 1 GiB is twice a 512x512x1000-frame enhanced
+    CT (500 MiB) and above a breast tomosynthesis stack (~800 MiB)."""
     min_free_bytes: int = Field(default=1 * 1024**3, ge=0)
     """Refuse (A700) when the spool file system has less free space than this."""
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
@@ -156,6 +282,15 @@ class ScpSettings(_Section):
     """fsync each instance and its directory before answering success. Turn off only for
     benchmarks: a success status then no longer survives a power cut."""
     tls: TlsSettings = TlsSettings()
+
+    @model_validator(mode="after")
+    def _connections_cover_associations(self) -> ScpSettings:
+        if self.max_connections < self.max_associations:
+            raise ValueError(
+                f"max_connections ({self.max_connections}) must be at least max_associations "
+                f"({self.max_associations})"
+            )
+        return self
 
 
 class HttpSettings(_Section):
@@ -169,6 +304,59 @@ class HttpSettings(_Section):
     """HTTP basic users (name -> password)."""
     ohif_url: str | None = None
     """Base URL of an OHIF viewer; job pages link to ``<ohif_url>/viewer?StudyInstanceUIDs=``."""
+    tls_certificate: Path | None = None
+    """PEM certificate chain for built-in HTTPS (TLS >= 1.2, BCP 195 ciphers); with
+    ``tls_private_key``. Unset: plain HTTP (put a TLS proxy in front beyond loopback)."""
+    tls_private_key: Path | None = None
+    header_timeout: float = Field(default=15.0, gt=0)
+    """Seconds a client has to send a request's headers, from connection or first byte: a
+    slow-loris client is cut off after this."""
+    body_timeout: float = Field(default=60.0, gt=0)
+    """Seconds the node waits for the next piece of a request body before answering 408."""
+    keep_alive_timeout: int = Field(default=5, ge=1)
+    """Seconds an idle keep-alive connection stays open."""
+    max_connections: int = Field(default=100, ge=1, le=100_000)
+    """Concurrent connections plus requests; beyond it requests are answered 503."""
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    """Largest request line plus headers; a larger request is answered 400."""
+    max_stow_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    """Largest STOW-RS request body (parts are streamed to the spool, so this bounds disk, not
+    memory); a larger body is answered 413 before more is read. Send bigger studies in several
+    requests."""
+    shutdown_timeout: int = Field(default=10, ge=0)
+    """Seconds requests in flight may finish at shutdown."""
+    login_failures: int = Field(default=5, ge=1)
+    """Failed logins an address may make before it must wait (429, Retry-After)."""
+    login_lockout_max: float = Field(default=300.0, gt=0)
+    """Longest wait (s); the wait doubles with each further failure, from 1 s."""
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    """Addresses or networks (CIDR) of reverse proxies whose ``X-Forwarded-For`` /
+    ``X-Forwarded-Proto`` are believed: the client address audited and throttled is then the
+    one the proxy saw. ``[]`` believes none."""
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
+        return v
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> HttpSettings:
+        pair = (self.tls_certificate, self.tls_private_key)
+        if (pair[0] is None) != (pair[1] is None):
+            raise ValueError("http.tls_certificate and http.tls_private_key go together")
+        for name, path in zip(("tls_certificate", "tls_private_key"), pair, strict=True):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"http.{name}: file {path} does not exist")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_certificate is not None
 
 
 class WorkerSettings(_Section):
@@ -286,6 +474,11 @@ class Settings(BaseSettings):
         frozen=True,
         validate_default=True,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_forms(cls, value: Any, info: ValidationInfo) -> Any:
+        return _from_plain_form(cls.model_fields, value, info)
 
     ae_title: str = "AINODE"
     dicom_port: Annotated[int, Field(ge=1, le=65535)] = 11112
@@ -413,8 +606,25 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML file arrives as init kwargs; the environment overrides it.
-        return env_settings, init_settings
+        # load_settings layers the file, the environment and the command line itself (one deep
+        # merge, one priority order); Settings(**values) validates exactly the values given.
+        return (init_settings,)
+
+
+class _EnvironmentSource(EnvSettingsSource):
+    """The ``DICOM_NODE_*`` variables, nested by ``__``.
+
+    A value that is a JSON array or object is decoded; any other text is kept as it is for the
+    fields' validators, which read the plain forms (``tok1,tok2``, ``alice:pw``) or say what is
+    wrong. pydantic-settings would instead fail on non-JSON text with a bare ``SettingsError``.
+    """
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        try:
+            decoded = json.loads(value)
+        except (TypeError, ValueError):
+            return value
+        return decoded if isinstance(decoded, list | dict) else value
 
 
 def parse_destination_url(url: str) -> tuple[str, dict[str, Any]]:
@@ -462,30 +672,59 @@ def redact_url(url: str) -> str:
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
     """Load and validate the settings once, at start-up.
 
-    ``config_file`` (or ``DICOM_NODE_CONFIG``) names a TOML file; environment variables override
-    it; ``overrides`` (used by tests and the ``demo`` command) override the file but not the
-    environment. Raises :class:`~dicom_node.errors.ConfigError` whose message names each wrong
-    setting, its environment variable and the reason.
+    ``config_file`` (or ``DICOM_NODE_CONFIG``) names a TOML file; ``DICOM_NODE_*`` environment
+    variables override it; ``overrides`` (command-line options such as ``serve --receivers``,
+    and tests) override both. The three merge key by key at every depth (:func:`deep_merge`).
+    Raises :class:`~dicom_node.errors.ConfigError` whose message names each wrong setting, its
+    environment variable and the reason, and never echoes a secret.
     """
     path = config_file or os.environ.get(f"{ENV_PREFIX}CONFIG") or None
-    data: dict[str, Any] = {}
+    file_layer: dict[str, Any] = {}
     if path:
         path = Path(path)
         try:
             with path.open("rb") as fh:
-                data = tomllib.load(fh)
+                file_layer = tomllib.load(fh)
         except FileNotFoundError as exc:
             raise ConfigError(f"configuration file {path} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
-    data.update(overrides)
+        except OSError as exc:
+            raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror}") from exc
     try:
-        return Settings(**data)
+        env_layer = _EnvironmentSource(Settings)()
+        return Settings(**deep_merge(file_layer, env_layer, overrides))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, path)) from None
+    except SettingsError as exc:  # pydantic-settings' own failures carry no setting-level detail
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def deep_merge(base: Mapping[str, Any], *layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge settings layers, later ones winning: tables merge key by key at every depth,
+    anything else (a list included) replaces what was there.
+
+    >>> deep_merge({"scp": {"receivers": 2, "fsync": False}}, {"scp": {"receivers": 4}})
+    {'scp': {'receivers': 4, 'fsync': False}}
+    """
+    merged = dict(base)
+    for layer in layers:
+        for key, value in layer.items():
+            below = merged.get(key)
+            if isinstance(value, Mapping) and isinstance(below, Mapping):
+                merged[key] = deep_merge(below, value)
+            else:
+                merged[key] = value
+    return merged
+
+
+_SECRET_WORDS = ("password", "token", "users", "secret", "key")
+"""A setting whose dotted name contains one of these never has its value echoed."""
 
 
 def format_validation_error(exc: ValidationError, path: Path | str | None) -> str:
+    """One line per wrong setting: its dotted name, its environment variable and the reason,
+    with the offending value only where it cannot be a secret."""
     lines = ["invalid configuration" + (f" (file {path})" if path else "") + ":"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -495,7 +734,7 @@ def format_validation_error(exc: ValidationError, path: Path | str | None) -> st
         if isinstance(got, str) and "://" in got:
             got = _redact(got)  # a URL may carry a password
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-        if "password" in loc or "token" in loc or "users" in loc:
+        if err["type"] == _PLAIN_FORM_ERROR or any(w in loc.lower() for w in _SECRET_WORDS):
             shown = ""
         lines.append(f"  - {loc} [{env}]: {msg}{shown}")
     return "\n".join(lines)

@@ -38,9 +38,9 @@ app = typer.Typer(
     help=(
         "An AI node for imaging networks: receives studies over DICOM (C-STORE) and DICOMweb "
         "(STOW-RS), runs detection models on Celery workers, and writes results back to the PACS "
-        "as DICOM SR + SEG.\n\nConfiguration: --config FILE (TOML) and DICOM_NODE_* environment "
-        "variables (these win). Exit codes: 0 ok, 1 failed, 2 usage/configuration, 3 peer or "
-        "service unreachable."
+        "as DICOM SR + SEG.\n\nConfiguration: --config FILE (TOML), DICOM_NODE_* environment "
+        "variables (these win over the file) and command options (these win over both). Exit "
+        "codes: 0 ok, 1 failed, 2 usage/configuration, 3 peer or service unreachable."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -118,6 +118,13 @@ def _register_commands() -> None:
             LOGGER.debug("command plug-in %s unavailable: %s", ep.name, exc)
 
 
+def _is_settings_error(exc: Exception) -> bool:
+    # Checked only once something failed: importing pydantic_settings costs ~0.2 s at start-up.
+    from pydantic_settings import SettingsError
+
+    return isinstance(exc, SettingsError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     _register_commands()
@@ -140,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
+            return EXIT_USAGE
+        if _is_settings_error(exc):  # load_settings converts these; a stray one is still config
+            typer.secho(f"error: invalid configuration: {exc}", err=True, fg=typer.colors.RED)
             return EXIT_USAGE
         raise
     return int(rc) if isinstance(rc, int) else EXIT_OK

@@ -47,17 +47,17 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_USAGE)
         if threads:
             torch.set_num_threads(threads)
-        settings = state(ctx).settings()
+        # Through the settings' own layers (deep-merged over the file's [models.NAME]), so a bad
+        # value ends in the one-line configuration message and exit 2 like any other setting.
         overrides: dict[str, object] = {}
         if threshold is not None:
             overrides["threshold"] = threshold
         if device is not None:
             overrides["device"] = device
         if overrides:
-            from dicom_node.settings import ModelSettings
-
-            cfg = (settings.models.get(model) or ModelSettings()).model_copy(update=overrides)
-            settings = settings.model_copy(update={"models": {**settings.models, model: cfg}})
+            models = state(ctx).overrides.setdefault("models", {})
+            models.setdefault(model, {}).update(overrides)
+        settings = state(ctx).settings()
         detector = get_detector(model, settings)
 
         def report(n: int, total: int, scan: object) -> None:

@@ -200,18 +200,139 @@ def running_receiver(settings: Any) -> Iterator[Any]:
         db.dispose()
 
 
-def associate(port: int, *, calling: str = "TESTSCU", called: str = "AINODE") -> Any:
-    """A pynetdicom association proposing Verification and CT Image Storage."""
+def associate(
+    port: int, *, calling: str = "TESTSCU", called: str = "AINODE", bind: tuple[str, int] | None = None
+) -> Any:
+    """A pynetdicom association proposing Verification and CT Image Storage (from the local
+    address ``bind`` when given: any 127.x.y.z is loopback on Linux)."""
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
-    return ae.associate("127.0.0.1", port, ae_title=called)
+    if bind is None:
+        return ae.associate("127.0.0.1", port, ae_title=called)
+    return ae.associate("127.0.0.1", port, ae_title=called, bind_address=bind)
 
 
 def rejection(assoc: Any) -> tuple[int, int, int] | None:
     """(result, source, diagnostic) of an A-ASSOCIATE-RJ, or None when not rejected."""
+    # AE.associate() may return as soon as the requestor's DUL stopped, before its association
+    # thread has recorded the rejection (a pynetdicom 3.0 race): let that thread finish first.
+    if not assoc.is_established and assoc.is_alive():
+        assoc.join(timeout=10)
     if not assoc.is_rejected:
         return None
     rsp = assoc.acceptor.primitive
     return int(rsp.result), int(rsp.result_source), int(rsp.diagnostic)
+
+
+# -- a peer scripted at the wire (hostile-peer tests) ---------------------------------------------
+
+VERIFICATION = "1.2.840.10008.1.1"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+A_RELEASE_RQ = bytes.fromhex("05 00 00000004 00000000")
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def associate_rq(
+    *,
+    calling: str = "HOSTILE",
+    called: str = "AINODE",
+    contexts: tuple[tuple[int, str, tuple[str, ...]], ...] = ((1, VERIFICATION, (IMPLICIT_LE,)),),
+    max_pdu: int = 16384,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU encoded by hand from PS3.8 9.3.2 (not by pynetdicom)."""
+    items = _item(0x10, b"1.2.840.10008.3.1.1.1")
+    for context_id, abstract, transfers in contexts:
+        sub = _item(0x30, abstract.encode()) + b"".join(_item(0x40, ts.encode()) for ts in transfers)
+        items += _item(0x20, bytes([context_id, 0, 0, 0]) + sub)
+    items += _item(0x50, _item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, b"1.2.826.0.1.3680043.9.99"))
+    body = struct.pack(">HH16s16s32s", 1, 0, called.ljust(16).encode(), calling.ljust(16).encode(), bytes(32))
+    body += items
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def p_data(context_id: int, fragment: bytes, *, command: bool, last: bool = True) -> bytes:
+    """A P-DATA-TF PDU carrying one PDV (PS3.8 9.3.5, E.2)."""
+    header = (0x01 if command else 0x00) | (0x02 if last else 0x00)
+    pdv = struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+class WirePeer:
+    """A TCP peer that sends exactly the bytes a test gives it, from a chosen loopback address."""
+
+    def __init__(self, port: int, *, source: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        import socket
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _exactly(self, n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            try:
+                chunk = self.sock.recv(n - len(data))
+            except ConnectionResetError:
+                return None
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def read_pdu(self, timeout: float = 10.0) -> tuple[int, bytes] | None:
+        """(type, whole PDU) of the next PDU; None when the node closed the connection."""
+        self.sock.settimeout(timeout)
+        header = self._exactly(6)
+        if header is None:
+            return None
+        (length,) = struct.unpack(">I", header[2:6])
+        body = self._exactly(length)
+        return None if body is None else (header[0], header + body)
+
+    def associate(self, **kw: Any) -> bytes:
+        """Send an A-ASSOCIATE-RQ and return the A-ASSOCIATE-AC (fails on anything else)."""
+        self.send(associate_rq(**kw))
+        answer = self.read_pdu()
+        assert answer is not None and answer[0] == 0x02, f"no A-ASSOCIATE-AC: {answer!r}"
+        return answer[1]
+
+    def seconds_until_closed(self, timeout: float) -> float:
+        """Discard what the node sends until it closes; how long that took (fails after
+        ``timeout``)."""
+        import time
+
+        start = time.monotonic()
+        self.sock.settimeout(0.2)
+        while time.monotonic() - start < timeout:
+            try:
+                if not self.sock.recv(65536):
+                    return time.monotonic() - start
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                return time.monotonic() - start
+        raise AssertionError(f"the node kept the connection open for {timeout} s")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def abort_pdu(source: int, reason: int) -> bytes:
+    return struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, source, reason)
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM (peak) and Threads of a process, from /proc/PID/status (KiB; threads)."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "Threads"):
+            out[key] = int(value.split()[0])
+    return out

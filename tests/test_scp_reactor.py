@@ -46,3 +46,60 @@ def test_associations_use_the_node_classes_and_close_cleanly(receiver: Any) -> N
     from tests.peers import wait_until
 
     wait_until(lambda: receiver.active_associations == 0, 10, message="associations closed")
+
+
+@pytest.mark.parametrize(
+    ("header", "verdict"),
+    [
+        ("0100 00100000", (0x01, 0x100000)),  # A-ASSOCIATE-RQ up to 1 MiB
+        ("0100 00100001", 0x06),
+        ("0400 00020000", (0x04, 0x20000)),  # P-DATA-TF up to the advertised 128 KiB
+        ("0400 00020001", 0x06),
+        ("0400 ffffffff", 0x06),
+        ("0500 00000004", (0x05, 4)),  # release and abort: exactly 4
+        ("0500 00000005", 0x06),
+        ("0700 00000000", 0x06),
+        ("0000 00000004", 0x01),  # unknown types
+        ("0800 00000004", 0x01),
+        ("4745 54202f20", 0x01),  # "GET / "
+    ],
+)
+def test_pdu_header_is_checked_before_the_body(header: str, verdict: Any) -> None:
+    from dicom_node.scp import wire
+
+    raw = bytes.fromhex(header)
+    if isinstance(verdict, tuple):
+        assert wire.check_header(raw, max_pdata=wire.pdata_cap(131072)) == verdict
+    else:
+        with pytest.raises(wire.PduRefused) as refused:
+            wire.check_header(raw, max_pdata=wire.pdata_cap(131072))
+        assert refused.value.reason == verdict
+        assert wire.abort_pdu(verdict) == bytes([7, 0, 0, 0, 0, 4, 0, 0, 2, verdict])
+
+
+def test_unlimited_pdu_size_still_has_a_cap() -> None:
+    from dicom_node.scp import wire
+
+    assert wire.pdata_cap(0) == 16 * 2**20
+    with pytest.raises(wire.PduRefused):
+        wire.check_header(bytes.fromhex("0400 01000001"), max_pdata=wire.pdata_cap(0))
+
+
+def test_an_unsupported_pynetdicom_refuses_to_start(
+    make_settings: Any, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the hardened reader (another pynetdicom) the listener does not start at all."""
+    import pynetdicom
+
+    from dicom_node.errors import DicomNodeError
+    from dicom_node.scp.server import Receiver
+    from dicom_node.state import open_database
+
+    settings = make_settings(database_url=sqlite_url, scp={"receivers": 1})
+    db = open_database(settings.resolved_database_url)
+    try:
+        monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+        with pytest.raises(DicomNodeError, match=r"pynetdicom 3\.1\.0 is not supported"):
+            Receiver(settings, db, reuse_port=False).start()
+    finally:
+        db.dispose()

@@ -43,12 +43,13 @@ def handle_store(event: Event, receiver: Receiver) -> int:
     }
     sink = getattr(request, "_dataset_file", None)
     if isinstance(sink, IncomingDataset):
-        if sink.error is not None or sink.oversize:
-            why = (
-                f"instance larger than the size cap of {sink.max_bytes} bytes"
-                if sink.oversize
-                else f"cannot write received instance: {sink.error.strerror if sink.error else ''}"
-            )
+        if sink.error is not None or sink.oversize or sink.no_space:
+            if sink.no_space:
+                why = sink.no_space
+            elif sink.oversize:
+                why = f"instance larger than the size cap of {sink.max_bytes} bytes"
+            else:
+                why = f"cannot write received instance: {sink.error.strerror if sink.error else ''}"
             LOGGER.error("instance refused (status 0xA700): %s", why)
             sink.discard()
             receiver.observe_status(STATUS_OUT_OF_RESOURCES, 0)

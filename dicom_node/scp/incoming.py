@@ -7,12 +7,15 @@ receiver that must answer honestly and fast:
 * a write error there (disk full) raises inside pynetdicom's DUL thread, which aborts the
   association instead of letting us answer A700;
 * nothing bounds the size: a 100 GB dataset is written until the disk is full;
-* a file per instance plus a flush per PDV costs CPU on small instances, which are most of them.
+* a file per instance plus a flush per PDV costs CPU on small instances, which are most of them;
+* a full disk learnt it only after the whole instance had arrived.
 
 :class:`IncomingDataset` is handed to pynetdicom in place of that temporary file. It keeps a
 dataset in memory up to :data:`SPILL_BYTES` and only then spills it to a file in the spool's
 temporary area (so memory per association stays bounded), never raises from ``write``, and
-records a write error or a size-cap overrun for the C-STORE handler to turn into A700. Whatever
+records a write error, a size-cap overrun or a spool below its free-space floor (checked when the
+first data fragment arrives, and again before spilling to disk) for the C-STORE handler to turn
+into A700. Whatever
 arrives after such a failure is discarded, so the rest of the association keeps working.
 """
 
@@ -23,18 +26,36 @@ import logging
 import os
 import struct
 import tempfile
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from dicom_node.errors import StorageError
+from dicom_node.spool import process_temp_name
+
 LOGGER = logging.getLogger(__name__)
 
 SPILL_BYTES = 8 * 2**20
 """Datasets up to this size stay in memory until the handler writes them once, fsynced; larger
 ones go to a temporary file as they arrive (memory per association stays below this)."""
+
+
+_space_check: Callable[[int], None] | None = None
+"""Raises :class:`StorageError` when ``n`` more bytes would take the spool below its floor."""
+
+
+def _no_space(incoming_bytes: int) -> str | None:
+    """Why the spool cannot take ``incoming_bytes`` more now, or None when it can."""
+    if _space_check is None:
+        return None
+    try:
+        _space_check(incoming_bytes)
+    except StorageError as exc:
+        return str(exc)
+    return None
 
 
 class IncomingDataset:
@@ -49,7 +70,9 @@ class IncomingDataset:
     """Size cap (bytes, file meta included); set per receiver process by :func:`install`."""
 
     def __init__(self, directory: str | None = None) -> None:
-        self.name = os.path.join(directory or tempfile.gettempdir(), f"{uuid.uuid4().hex}.part")
+        # Named as this process's own (dicom_node.spool): a receiver that stops removes its
+        # own aborted spill files, never another receiver's in-flight ones.
+        self.name = process_temp_name(directory or tempfile.gettempdir())
         self.buffer = bytearray()
         self.size = 0
         self.error: OSError | None = None
@@ -59,6 +82,8 @@ class IncomingDataset:
         self.spilled = False
         """True once the dataset went to the file ``name`` instead of memory."""
         self._fh: object | None = None
+        self.no_space: str | None = _no_space(0)
+        """Why the spool had no room for this dataset (nothing of it is kept), if it had none."""
 
     # -- what pynetdicom calls ----------------------------------------------------------------
 
@@ -71,7 +96,7 @@ class IncomingDataset:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = len(data)
-        if self.error is not None or self.oversize:
+        if self.error is not None or self.oversize or self.no_space:
             return n  # already failed: drain the rest of the message
         self.size += n
         if self.size > self.max_bytes:
@@ -115,6 +140,10 @@ class IncomingDataset:
     # -- internals ----------------------------------------------------------------------------
 
     def _spill(self) -> None:
+        self.no_space = _no_space(len(self.buffer))
+        if self.no_space:
+            self._drop()
+            return
         try:
             fh = open(self.name, "xb")  # noqa: SIM115 - stays open while the dataset arrives
         except OSError as exc:
@@ -168,8 +197,11 @@ def _create_file_meta(
     implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION,
 ) -> FileMeta:
     return FileMeta(
-        str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax),
-        str(implementation_uid), str(implementation_version),
+        str(sop_class_uid),
+        str(sop_instance_uid),
+        str(transfer_syntax),
+        str(implementation_uid),
+        str(implementation_version),
     )
 
 
@@ -214,8 +246,11 @@ def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True
         write_file_meta_info(fp, file_meta, enforce_standard)
 
 
-def install(max_bytes: int) -> bool:
+def install(max_bytes: int, space_check: Callable[[int], None] | None = None) -> bool:
     """Make pynetdicom's chunked receive use :class:`IncomingDataset` in this process.
+
+    ``space_check(incoming_bytes)`` (the spool's :meth:`~dicom_node.spool.Spool.check_free_space`)
+    runs when a dataset's first fragment arrives and before it spills to disk.
 
     pynetdicom creates its temporary file through the module-level name
     ``pynetdicom.dimse_messages.NamedTemporaryFile``; we replace that name. Returns ``False``
@@ -224,14 +259,18 @@ def install(max_bytes: int) -> bool:
     """
     from pynetdicom import dimse_messages
 
+    global _space_check
     IncomingDataset.max_bytes = max_bytes
+    _space_check = space_check
     if not hasattr(dimse_messages, "NamedTemporaryFile"):
         LOGGER.warning("pynetdicom has no NamedTemporaryFile hook; using its own temporary files")
         return False
     dimse_messages.NamedTemporaryFile = _factory  # type: ignore[assignment]
     # The same code path builds the received file's meta with pydicom; these two names are used
     # only there (pynetdicom 3.0 dimse_messages.decode_msg).
-    if hasattr(dimse_messages, "create_file_meta") and hasattr(dimse_messages, "write_file_meta_info"):
+    if hasattr(dimse_messages, "create_file_meta") and hasattr(
+        dimse_messages, "write_file_meta_info"
+    ):
         dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
         dimse_messages.write_file_meta_info = _write_file_meta_info
     return True

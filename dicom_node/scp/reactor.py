@@ -15,8 +15,18 @@ With synchronous C-STORE (one request in flight per association, which is what m
 :class:`NodeAssociation` waits on the message queue's condition (woken at once by the DUL
 thread's ``put``) instead of sleeping; :class:`NodeDUL` waits in ``select`` on the socket and a
 wake-up pipe that our responses write to, so it too wakes at once, and an idle association still
-wakes only once a millisecond, as before. Both are swapped in by :class:`NodeRequestHandler` only
-for the pynetdicom versions whose reactor loop they mirror; otherwise pynetdicom's own classes run.
+wakes only once a millisecond, as before. They are swapped in by :class:`NodeRequestHandler`; the receiver refuses
+to start on a pynetdicom version whose reactor loop they do not mirror (:func:`supported`).
+
+They also hold the line against hostile peers, which pynetdicom 3.0 does not:
+
+* :meth:`NodeDUL._read_pdu_data` checks a PDU's header (:mod:`dicom_node.scp.wire`) before it
+  reads, or allocates, the body, and reads with a deadline: a PDU must be complete within the
+  network timeout (before association: within the ACSE timeout, PS3.8 9.1.5 ARTIM), so a peer
+  sending half a header or a byte a second is dropped instead of holding a thread for ever;
+* :meth:`NodeAssociation.run` ends as soon as the connection is gone before association,
+  instead of waiting out the ACSE timeout, and gives the connection's place back to the
+  receiver's :class:`~dicom_node.scp.gate.ConnectionGate`.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import struct
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any, cast
 
 import pynetdicom
@@ -38,8 +49,11 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.utils import set_timer_resolution
+
+from dicom_node.scp import wire
 
 LOGGER = logging.getLogger(__name__)
 
@@ -47,10 +61,21 @@ SUPPORTED_PYNETDICOM = ("3.0.",)
 """Versions whose ``Association._run_reactor`` the loop below mirrors."""
 
 IDLE_POLL_SECONDS = 0.001  # pynetdicom's own polling interval
+STOP_CHECK_SECONDS = 0.2
+"""How often a blocked read looks whether its association is being aborted (stop, timeout)."""
 
 
 def supported() -> bool:
+    """True when this pynetdicom's reactor and PDU reader are the ones the classes here mirror."""
     return pynetdicom.__version__.startswith(SUPPORTED_PYNETDICOM)
+
+
+class _Abandoned(Exception):
+    """A PDU read given up because the association is being aborted."""
+
+
+class _PeerTooSlow(Exception):
+    """A PDU not complete by its deadline."""
 
 
 def _close_fds(*fds: int) -> None:
@@ -114,9 +139,158 @@ class NodeDUL(DULServiceProvider):
                 while os.read(r, 4096):
                     pass
 
+    # -- reading PDUs: header checked first, bounded buffer, deadline --------------------------
+
+    _desynced = False
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom 3.0.4 ``DULServiceProvider._read_pdu_data``, hardened.
+
+        The header is checked (:func:`wire.check_header`) before the body is read; a refused
+        header gets an A-ABORT and the connection is closed. The whole PDU must arrive by
+        :meth:`_pdu_deadline`. A closed, timed-out or refused connection becomes Evt17
+        (transport closed), as a peer's close does in pynetdicom.
+        """
+        sock = cast(NodeAssociationSocket, self.socket)
+        if self._desynced:  # a PDU read was abandoned half way: the stream is unusable
+            sock.close()
+            return
+        host = self.assoc.requestor.address
+        deadline = self._pdu_deadline()
+        try:
+            header = sock.read_exactly(wire.HEADER_LENGTH, deadline, self._abandon)
+            _, length = wire.check_header(
+                header, max_pdata=wire.pdata_cap(self.assoc.acceptor.maximum_length or 0)
+            )
+            body = sock.read_exactly(length, deadline, self._abandon)
+        except wire.PduRefused as exc:
+            LOGGER.warning("A-ABORT to %s: %s", host, str(exc))
+            self._close_transport(wire.abort_pdu(exc.reason))
+            return
+        except _PeerTooSlow:
+            LOGGER.warning("connection from %s closed: PDU not complete in time", host)
+            self._close_transport()
+            return
+        except _Abandoned:
+            self._desynced = True
+            return
+        except (OSError, EOFError):
+            self._close_transport()
+            return
+        header += body
+        try:
+            pdu, event = self._decode_pdu(header)
+        except Exception as exc:  # pynetdicom's READ_PDU_EXC_F: any decoder failure is Evt19
+            LOGGER.warning("undecodable PDU from %s: %s", host, type(exc).__name__)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _close_transport(self, last_words: bytes = b"") -> None:
+        """Send ``last_words`` if the socket takes them now, close it; Evt17 unless idle."""
+        sock = cast(AssociationSocket, self.socket)
+        raw = sock.socket
+        if raw is not None and last_words:
+            with contextlib.suppress(OSError, ValueError):
+                raw.settimeout(0)  # a peer that does not read gets no wait from us
+                raw.send(last_words)
+        if self.state_machine.current_state == "Sta1" and self.event_queue.empty():
+            # Idle, nothing pending (not even the connection's own Evt5): no one left to tell
+            sock._shutdown_socket()
+            sock.socket = None
+            return
+        sock.close()  # Evt17: transport connection closed
+
+    def _pdu_timeout(self) -> float:
+        if self.state_machine.current_state in ("Sta1", "Sta2", "Sta13"):
+            # ARTIM runs (PS3.8 9.1.5): waiting for the A-ASSOCIATE-RQ, or for the close. (Sta1:
+            # the connection's Evt5 is still queued, ARTIM not yet started: its full timeout.)
+            return max(float(self.artim_timer.remaining), 0.0)
+        return float(self.network_timeout or 60.0)
+
+    def _pdu_deadline(self) -> float:
+        """When the PDU now arriving must be complete."""
+        return time.monotonic() + self._pdu_timeout()
+
+    def _abandon(self) -> bool:
+        """True when a blocked read should give up: the association is being aborted."""
+        if self._kill_thread:
+            return True
+        return any(isinstance(p, A_ABORT | A_P_ABORT) for p in list(self.to_provider_queue.queue))
+
 
 class NodeAssociation(Association):
     """An acceptor association whose reactor wakes when a DIMSE message arrives."""
+
+    gate_ticket: Any = None
+    """The receiver's :class:`~dicom_node.scp.gate.Ticket` for this connection."""
+    serving = False
+    """True while a request's handler runs."""
+
+    def is_idle(self, seconds: float) -> bool:
+        """True when nothing is in flight: no handler running, no message partly received or
+        queued, and no complete PDU for ``seconds`` (a stalled or silent peer looks like this;
+        a sender in the middle of an instance does not)."""
+        if self.serving or self.dimse.message is not None or not self.dimse.msg_queue.empty():
+            return False
+        timer = self.dul._idle_timer
+        if timer.timeout is None:
+            return False
+        return float(timer.timeout) - float(timer.remaining) >= seconds
+
+    def run(self) -> None:
+        try:
+            if self.is_acceptor:
+                self._run_acceptor()
+            else:  # pragma: no cover - we only build acceptors
+                super().run()
+        finally:
+            if self.gate_ticket is not None:
+                self.gate_ticket.release()
+
+    def _run_acceptor(self) -> None:
+        # pynetdicom 3.0.4 Association.run_reactor, acceptor branch, with _wait_for_request
+        # in place of one wait of the whole ACSE timeout.
+        if not self._started_dul:
+            self.dul.start()
+            self._started_dul = True
+            self._dul_ready.wait()
+
+        primitive = self._wait_for_request()
+        if primitive is None:
+            self.kill()
+            sock = cast(AssociationSocket, self.dul.socket)
+            if self._server and sock.socket:
+                self._server.shutdown_request(sock.socket)
+            return
+
+        self.requestor.primitive = primitive
+        evt.trigger(self, evt.EVT_REQUESTED, {})
+        if not self.is_aborted and not self.is_rejected:
+            self.acse.negotiate_association()
+        if self.is_established:
+            with set_timer_resolution(self._timer_resolution):
+                self._run_reactor()
+
+        sock = cast(AssociationSocket, self.dul.socket)
+        if self._server and sock.socket:
+            self._server.shutdown_request(sock.socket)
+
+    def _wait_for_request(self) -> Any:
+        """The peer's A-ASSOCIATE request, or None after the ACSE timeout or once the DUL
+        closed the connection (refused PDU, half a header at the ARTIM deadline, peer gone)."""
+        deadline = time.monotonic() + float(self.acse_timeout or 60.0)
+        sock = cast(AssociationSocket, self.dul.socket)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            primitive = self.dul.receive_pdu(wait=True, timeout=min(left, STOP_CHECK_SECONDS))
+            if primitive is not None:
+                return primitive
+            if sock.socket is None or not self.dul.is_alive():
+                return None
 
     def _wait_for_message(self, timeout: float) -> None:
         queue = self.dimse.msg_queue
@@ -137,7 +311,11 @@ class NodeAssociation(Association):
 
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
-                self._serve_request(msg, cast(int, context_id))
+                self.serving = True
+                try:
+                    self._serve_request(msg, cast(int, context_id))
+                finally:
+                    self.serving = False
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
@@ -232,28 +410,59 @@ class NodeDIMSE(DIMSEServiceProvider):
 
 
 class NodeAssociationSocket(AssociationSocket):
-    """pynetdicom's socket, reading a PDU with ``recv_into`` instead of 4 KiB ``recv`` calls.
+    """pynetdicom's socket, reading a PDU with ``recv_into`` and a deadline.
 
-    A 128 KiB P-DATA PDU took 32 ``recv`` calls and as many ``bytearray.extend`` copies
-    (~0.3 ms of CPU per 512 KB instance, ``research/performance.md`` §3).
+    ``recv_into`` instead of 4 KiB ``recv`` calls: a 128 KiB P-DATA PDU took 32 ``recv`` calls
+    and as many ``bytearray.extend`` copies (~0.3 ms of CPU per 512 KB instance,
+    ``research/performance.md`` §3). The buffer never runs more than :data:`wire.READ_CHUNK`
+    ahead of the bytes that really arrived.
     """
 
-    def recv(self, nr_bytes: int) -> bytearray:
+    send_timeout: float | None = None
+    """The socket's timeout outside reads (sends: a peer that stops reading is dropped)."""
+
+    def read_exactly(
+        self, nr_bytes: int, deadline: float, abandon: Callable[[], bool]
+    ) -> bytearray:
+        """``nr_bytes`` from the peer by ``deadline`` (``time.monotonic``).
+
+        Raises :class:`EOFError` when the peer closes first, :class:`_PeerTooSlow` at the
+        deadline and :class:`_Abandoned` as soon as ``abandon()`` is true (checked every
+        :data:`STOP_CHECK_SECONDS` while waiting).
+        """
         sock = cast(Any, self.socket)
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        if sock is None:
+            raise EOFError
+        buffer = bytearray(min(nr_bytes, wire.READ_CHUNK))
         nr_read = 0
+        sock.settimeout(STOP_CHECK_SECONDS)
         try:
             while nr_read < nr_bytes:
-                got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-                if not got:  # connection closed: return what we have, as pynetdicom does
-                    break
+                if nr_read == len(buffer):  # full: double it, never past the announced length
+                    buffer += bytes(min(len(buffer), nr_bytes - nr_read))
+                with memoryview(buffer) as view:
+                    got = self._recv_into(sock, view[nr_read:], deadline, abandon)
+                if not got:
+                    raise EOFError
                 nr_read += got
         finally:
-            view.release()
-        if nr_read < nr_bytes:
-            del buffer[nr_read:]
+            with contextlib.suppress(OSError):
+                sock.settimeout(self.send_timeout)
         return buffer
+
+    @staticmethod
+    def _recv_into(
+        sock: Any, view: memoryview, deadline: float, abandon: Callable[[], bool]
+    ) -> int:
+        while True:
+            if abandon():
+                raise _Abandoned
+            if time.monotonic() >= deadline:
+                raise _PeerTooSlow
+            try:
+                return int(sock.recv_into(view, len(view)))
+            except (TimeoutError, ssl.SSLWantReadError):
+                continue
 
 
 class NodeRequestHandler(RequestHandler):
@@ -261,9 +470,24 @@ class NodeRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        if supported():
-            assoc.__class__ = NodeAssociation
-            assoc.dul.__class__ = NodeDUL
-            assoc.dul.socket.__class__ = NodeAssociationSocket
-            assoc.dimse.__class__ = NodeDIMSE
+        if not supported():  # the receiver refuses to start; this is a second line
+            raise RuntimeError(f"pynetdicom {pynetdicom.__version__} is not supported")
+        assoc.__class__ = NodeAssociation
+        assoc.dul.__class__ = NodeDUL
+        assoc.dul.daemon = True  # never keep the process alive at exit (pynetdicom: False)
+        sock = cast(NodeAssociationSocket, assoc.dul.socket)
+        sock.__class__ = NodeAssociationSocket
+        sock.send_timeout = self.ae.network_timeout
+        assoc.dimse.__class__ = NodeDIMSE
         return assoc
+
+    def handle(self) -> None:
+        # pynetdicom 3.0.4 RequestHandler.handle, handing the connection's gate ticket to the
+        # association (which gives it back when its thread ends).
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        ticket = getattr(self.server, "current_ticket", lambda: None)()
+        assoc.gate_ticket = ticket
+        assoc.start()
+        if ticket is not None:
+            ticket.owner = assoc

@@ -4,7 +4,8 @@ Given a complete Part 10 file in the spool's temporary area, :meth:`Ingestor.ing
 
 1. refuses it when it is over the size cap or the spool is below its free-space floor (A700);
 2. zeroes the 128-byte preamble (a preamble can carry an executable header, CVE-2019-11687);
-3. parses every element before the pixel data, bounded in nesting depth and inflated size, and
+3. parses every element before the pixel data, bounded in nesting depth, inflated size and
+   declared pixel size (:mod:`dicom_node.dataset_io`: deflate and pixel bombs, A700/C000), and
    refuses what cannot be parsed (C000) or lacks valid Study/Series/SOP Instance UIDs (C001/C002);
 4. checks the dataset's SOP Class/Instance UIDs against the DIMSE command (A900);
 5. fsyncs the file, links it under a name built from salted hashes, fsyncs the directory, and
@@ -24,7 +25,6 @@ import os
 import sqlite3
 import struct
 import threading
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,10 +44,18 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
+from dicom_node.dataset_io import (
+    CountedReads,
+    InflatingReader,
+    check_pixel_data,
+    frame_count,
+    inflated_size,
+)
 from dicom_node.errors import IngestError, InvalidInstanceError, StorageError
 from dicom_node.settings import DuplicatePolicy, Settings
 from dicom_node.spool import Spool
 from dicom_node.state import Database, DuplicateEvent, Instance, Series, Study, utcnow
+from dicom_node.state.text import storable_text
 from dicom_node.uids import storage_key, uid_problem
 
 LOGGER = logging.getLogger(__name__)
@@ -104,6 +112,9 @@ class Ingestor:
         self.db = db
         self.spool = spool
         self.max_bytes = settings.scp.max_instance_bytes
+        self.max_decoded = settings.scp.max_decoded_bytes
+        # A deflated data set is held to both caps: what it inflates to is also what is stored.
+        self.max_inflated = min(self.max_bytes, self.max_decoded)
         self.policy = settings.scp.duplicate_policy
         self._salt = db.salt
         self._ids: dict[str, tuple[int, str]] = {}  # study/series UID -> (row id, key)
@@ -237,10 +248,14 @@ class Ingestor:
         self.spool.check_free_space(size if data is not None else 0)
 
         if data is not None:
-            parsed = parse_part10_bytes(data, max_inflated_bytes=self.max_bytes)
+            parsed = parse_part10_bytes(
+                data, max_inflated_bytes=self.max_inflated, max_decoded_bytes=self.max_decoded
+            )
         else:
             assert temp is not None
-            parsed = parse_part10(temp, max_inflated_bytes=self.max_bytes)
+            parsed = parse_part10(
+                temp, max_inflated_bytes=self.max_inflated, max_decoded_bytes=self.max_decoded
+            )
         _check_expected(parsed, *expected)
 
         if data is not None:
@@ -258,19 +273,23 @@ class Ingestor:
         sop_key = storage_key(parsed.sop_instance_uid, self._salt, length=32)
         relative = Spool.relative_path(study_key, series_key, sop_key)
 
-        placed = self.spool.place(temp, relative)
-        try:
-            return self._index(
-                parsed, temp, relative, placed, size, sha, calling_ae_title, source, study_key, series_key
-            )
-        except (DBAPIError, sqlite3.Error) as exc:
-            # The index could not be committed: revoke the file we placed (dcm4chee does the
-            # same) so the spool never holds an instance we did not acknowledge.
-            if placed:
-                self.spool.remove(relative)
-            self.spool.discard(temp)
-            LOGGER.error("index commit failed: %s", type(exc).__name__)
-            raise StorageError("state database unavailable") from exc
+        # The claim is held until the index row is committed: a different copy of the same
+        # instance arriving meanwhile (another association or receiver process) waits for it,
+        # then sees the row and is handled as a duplicate, instead of taking the placed but
+        # not yet indexed file for a crash leftover and replacing it.
+        with self.spool.claim(temp, relative) as placed:
+            try:
+                return self._index(
+                    parsed, temp, relative, placed, size, sha, calling_ae_title, source, study_key, series_key
+                )
+            except (DBAPIError, sqlite3.Error) as exc:
+                # The index could not be committed: revoke the file we placed (dcm4chee does
+                # the same) so the spool never holds an instance we did not acknowledge.
+                if placed:
+                    self.spool.remove(relative)
+                self.spool.discard(temp)
+                LOGGER.error("index commit failed: %s", type(exc).__name__)
+                raise StorageError("state database unavailable") from exc
 
     def _index(
         self,
@@ -286,6 +305,7 @@ class Ingestor:
         series_key: str,
     ) -> IngestResult:
         now = utcnow()
+        calling_ae_title = storable_text(calling_ae_title, 16)
         row = {
             "sop_instance_uid": parsed.sop_instance_uid,
             "sop_class_uid": parsed.sop_class_uid,
@@ -540,7 +560,12 @@ class Ingestor:
                 series_key=series_key,
                 series_instance_uid=uid,
                 instance_count=0,
-                **parsed.series_attributes,
+                # Descriptions lose the characters PostgreSQL refuses (NUL) rather than the
+                # instance being refused for ever (dicom_node/state/text.py).
+                **{
+                    name: storable_text(value) if isinstance(value, str) else value
+                    for name, value in parsed.series_attributes.items()
+                },
             )
             .on_conflict_do_nothing(index_elements=["series_instance_uid"])
         )
@@ -552,11 +577,15 @@ class Ingestor:
 # -- parsing ----------------------------------------------------------------------------------
 
 
-def parse_part10(path: Path, *, max_inflated_bytes: int) -> _Parsed:
+def parse_part10(
+    path: Path, *, max_inflated_bytes: int, max_decoded_bytes: int | None = None
+) -> _Parsed:
     """Parse and check a Part 10 file; zero its preamble in place.
 
     Raises :class:`InvalidInstanceError` with a C000-family status when the file cannot be
-    understood and :class:`StorageError` when it cannot be read or inflates beyond the cap.
+    understood and :class:`StorageError` when it cannot be read, inflates beyond
+    ``max_inflated_bytes`` or declares pixel data decoding to more than ``max_decoded_bytes``
+    (default: the same; :mod:`dicom_node.dataset_io`).
     """
     with path.open("r+b") as fh:
         preamble = fh.read(128)
@@ -566,24 +595,30 @@ def parse_part10(path: Path, *, max_inflated_bytes: int) -> _Parsed:
             fh.seek(0)
             fh.write(_ZERO_PREAMBLE)
             fh.flush()
-        return _parse(fh, max_inflated_bytes)
+        return _parse(fh, max_inflated_bytes, max_decoded_bytes or max_inflated_bytes)
 
 
-def parse_part10_bytes(data: bytes | bytearray, *, max_inflated_bytes: int) -> _Parsed:
+def parse_part10_bytes(
+    data: bytes | bytearray, *, max_inflated_bytes: int, max_decoded_bytes: int | None = None
+) -> _Parsed:
     """:func:`parse_part10` for a file in memory (the caller writes a zeroed preamble)."""
     if bytes(data[128:132]) != b"DICM":
         raise InvalidInstanceError("not a DICOM Part 10 file (no DICM prefix)", STATUS_CANNOT_UNDERSTAND)
-    return _parse(io.BytesIO(data), max_inflated_bytes)
+    return _parse(io.BytesIO(data), max_inflated_bytes, max_decoded_bytes or max_inflated_bytes)
 
 
-def _parse(fh: Any, max_inflated_bytes: int) -> _Parsed:
+def _parse(fh: Any, max_inflated_bytes: int, max_decoded_bytes: int) -> _Parsed:
     offset, tsuid = _file_meta_summary(fh)
     try:
         if tsuid == DeflatedExplicitVRLittleEndian:
-            # Before pydicom inflates it: a deflate bomb must not reach memory.
-            _check_inflated_size(fh, offset, max_inflated_bytes)
-        ds = _read_header(fh, offset, tsuid)
+            # The whole stream, counted and dropped as it inflates: a deflate bomb is refused
+            # here even when its bulk sits in the pixel data the header read stops before.
+            inflated_size(fh, offset, max_inflated_bytes)
+        ds, pixel_offset, stream = _read_header(fh, offset, tsuid, max_inflated_bytes)
         _walk(ds, 0)
+        # Pixel bombs (declared size, frames vs fragments, codestream size) are refused now,
+        # not when a worker or a preview decodes them.
+        check_pixel_data(ds, stream, pixel_offset, tsuid, max_decoded_bytes)
     except IngestError:
         raise
     except RecursionError:
@@ -610,10 +645,12 @@ def _parse(fh: Any, max_inflated_bytes: int) -> _Parsed:
     if not tsuid or uid_problem(tsuid):
         raise InvalidInstanceError("TransferSyntaxUID is missing or invalid", STATUS_CANNOT_UNDERSTAND)
 
+    # check_pixel_data refused an image's NumberOfFrames outside 1..MAX_FRAMES; elsewhere
+    # (no Rows/Columns) a bad value is only left unrecorded.
     try:
         frames_elem = ds.get(0x00280008)
-        frames = None if frames_elem is None else frames_elem.value
-        number_of_frames = int(frames) if frames not in (None, "") else None
+        present = frames_elem is not None and frames_elem.value not in (None, "")
+        number_of_frames = frame_count(ds) if present else None
     except Exception:
         number_of_frames = None
     try:
@@ -664,19 +701,29 @@ def _at_pixels(tag: Any, vr: str | None, length: int) -> bool:
     return tag in _PIXEL_TAGS
 
 
-def _read_header(fh: Any, offset: int, tsuid: str) -> Dataset:
-    """The data set up to the pixel data, values left raw until used.
+def _read_header(fh: Any, offset: int, tsuid: str, limit: int) -> tuple[Dataset, int | None, Any]:
+    """The data set up to the pixel data (values left raw until used), where the pixel data
+    element starts (None: none), and the stream that offset is in.
 
     ``read_dataset`` from the offset we already know is 2.5x faster than ``dcmread``, which
-    re-parses the preamble and the file meta. Deflated (and any syntax we do not know) goes
-    through ``dcmread``.
+    re-parses the preamble and the file meta. Deflated is read through the capped streaming
+    inflater (never pydicom's whole-buffer ``zlib.decompress``); a syntax that is not a valid
+    UID goes through ``dcmread``.
     """
-    if tsuid == DeflatedExplicitVRLittleEndian or uid_problem(tsuid):
+    if uid_problem(tsuid) and tsuid != DeflatedExplicitVRLittleEndian:
         fh.seek(0)
-        return dcmread(fh, stop_before_pixels=True, force=False)
-    implicit, little = _ENCODINGS.get(tsuid, (False, True))  # compressed: explicit VR LE
+        return dcmread(fh, stop_before_pixels=True, force=False), None, fh
     fh.seek(offset)
-    return read_dataset(fh, implicit, little, stop_when=_at_pixels)
+    if tsuid == DeflatedExplicitVRLittleEndian:
+        stream: Any = CountedReads(InflatingReader(fh, limit))
+        implicit, little = False, True
+    else:
+        stream = CountedReads(fh)  # elements, not only bytes, are bounded
+        implicit, little = _ENCODINGS.get(tsuid, (False, True))  # compressed: explicit VR LE
+    ds = read_dataset(stream, implicit, little, stop_when=_at_pixels)
+    at = stream.tell()
+    pixel_offset = at if stream.read(4) else None
+    return ds, pixel_offset, stream
 
 
 def _check_expected(
@@ -785,21 +832,6 @@ def _file_meta_summary(fh: Any) -> tuple[int, str]:
             fh.seek(start)
             tsuid = fh.read(min(length, 64)).decode("ascii", "replace").rstrip("\x00 ")
         pos = start + length
-
-
-def _check_inflated_size(fh: Any, offset: int, limit: int) -> None:
-    """Refuse a deflated dataset that would inflate beyond ``limit`` (a deflate bomb)."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
-    fh.seek(offset)
-    while chunk := fh.read(1 << 20):
-        data = inflater.decompress(chunk, 1 << 22)
-        total += len(data)
-        while inflater.unconsumed_tail and total <= limit:
-            data = inflater.decompress(inflater.unconsumed_tail, 1 << 22)
-            total += len(data)
-        if total > limit:
-            raise StorageError(f"deflated dataset inflates beyond the size cap of {limit} bytes")
 
 
 def _hash_from(path: Path, offset: int) -> str:

@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from dicom_node.dataset_io import (
+    DEFAULT_MAX_DECODED_BYTES,
+    check_pixels,
+    frame_count,
+    open_part10,
+)
+from dicom_node.errors import IngestError
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from dicom_node.state import Database, Instance, Job, Series, Study
@@ -125,7 +133,9 @@ def job_preview(settings: Settings, db: Database, job_id: str) -> Preview | None
     spool = Spool(settings.spool_dir)
     try:
         paths = [spool.path(r.path) for r in rows]
-        preview = render_preview(paths, summary.get("findings") or [])
+        preview = render_preview(
+            paths, summary.get("findings") or [], limit=settings.scp.max_decoded_bytes
+        )
     except PreviewUnavailable as exc:
         return placeholder(str(exc))
     _store(cache_dir, job_key, cached, preview.png)
@@ -147,13 +157,18 @@ def _store(cache_dir: Path, job_key: str, target: Path, data: bytes) -> None:
 # -- rendering ----------------------------------------------------------------------------------
 
 
-def render_preview(paths: list[Path], findings: list[dict[str, Any]]) -> Preview:
+def render_preview(
+    paths: list[Path], findings: list[dict[str, Any]], *, limit: int = DEFAULT_MAX_DECODED_BYTES
+) -> Preview:
     """Draw the key slice of the first finding (or the middle slice) of one series' instances.
 
     ``findings`` are job summary entries with ``key_slice`` (index along the slice normal) and
-    ``bbox_2d`` (col_min, row_min, col_max, row_max in pixels on that slice).
+    ``bbox_2d`` (col_min, row_min, col_max, row_max in pixels on that slice). Every instance
+    is opened and sized through :mod:`dicom_node.dataset_io`: one that inflates or declares
+    pixel data beyond ``limit`` bytes, or NumberOfFrames beyond its fragments, is refused with
+    :class:`PreviewUnavailable` before anything is decoded.
     """
-    frames = order_frames(paths)
+    frames = order_frames(paths, limit=limit)
     if not frames:
         raise PreviewUnavailable("the series has no cross-sectional images")
     index = len(frames) // 2
@@ -162,7 +177,7 @@ def render_preview(paths: list[Path], findings: list[dict[str, Any]]) -> Preview
         if isinstance(key, int) and 0 <= key < len(frames):
             index = key
     frame = frames[index]
-    image, modality = _decode(frame)
+    image, modality = _decode(frame, limit)
     rgb, scale = _to_rgb(image, modality)
     boxes = [f for f in findings if f.get("key_slice") == index and f.get("bbox_2d")]
     _draw_boxes(rgb, boxes, scale)
@@ -171,18 +186,20 @@ def render_preview(paths: list[Path], findings: list[dict[str, Any]]) -> Preview
     return Preview(buf.getvalue(), slice_index=index, boxes=len(boxes))
 
 
-def order_frames(paths: list[Path]) -> list[_Frame]:
+def order_frames(paths: list[Path], *, limit: int = DEFAULT_MAX_DECODED_BYTES) -> list[_Frame]:
     """Image frames of one series in the worker's slice order (position along the normal)."""
-    import pydicom
-
     frames: list[tuple[_Frame, tuple[float, ...]]] = []
     missing = 0
     for path in paths:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            opened = open_part10(path, limit=limit)
+            check_pixels(opened, path, limit)
+            ds = opened.dataset
         except FileNotFoundError:
             missing += 1
             continue
+        except IngestError as exc:
+            raise PreviewUnavailable(f"a source instance is refused: {exc}") from None
         except Exception as exc:
             raise PreviewUnavailable(
                 f"a source instance cannot be read ({type(exc).__name__})"
@@ -228,7 +245,7 @@ def _normal(orientation: list[float]) -> np.ndarray:
 
 def _frames_of(ds: Any, path: Path) -> list[tuple[_Frame, tuple[float, ...]]]:
     uid = str(ds.get("SOPInstanceUID", ""))
-    count = int(ds.get("NumberOfFrames", 1) or 1)
+    count = frame_count(ds)  # within 1..MAX_FRAMES, and checked against the pixel data
     if count <= 1 and "ImagePositionPatient" in ds:
         iop = [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
         offset = float(np.asarray([float(v) for v in ds.ImagePositionPatient]) @ _normal(iop))
@@ -262,19 +279,30 @@ def _group_value(per_frame: Any, shared: Any, sequence: str, attr: str) -> Any:
     return None
 
 
-def _decode(frame: _Frame) -> tuple[np.ndarray, str]:
+def _decode(frame: _Frame, limit: int) -> tuple[np.ndarray, str]:
     """Stored values of one frame, rescaled (HU for CT), and the modality."""
-    import pydicom
     from pydicom.pixels import pixel_array
 
     try:
-        ds = pydicom.dcmread(frame.path, stop_before_pixels=True)
+        opened = open_part10(frame.path, limit=limit)
+        check_pixels(opened, frame.path, limit)
+        ds = opened.dataset
+        deflated = opened.meta.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    except IngestError as exc:
+        raise PreviewUnavailable(f"the source instance is refused: {exc}") from None
     except Exception as exc:
         raise PreviewUnavailable(
             f"the source instance cannot be read ({type(exc).__name__})"
         ) from None
     try:
-        pixels = pixel_array(frame.path, index=frame.frame)
+        if deflated:
+            # pydicom would inflate the file whole: read it through the capped inflater.
+            full = open_part10(frame.path, limit=limit, stop_before_pixels=False).dataset
+            pixels = pixel_array(full, index=frame.frame)
+        else:
+            pixels = pixel_array(frame.path, index=frame.frame)
+    except IngestError as exc:
+        raise PreviewUnavailable(f"the source instance is refused: {exc}") from None
     except Exception as exc:
         ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         name = getattr(ts, "name", None) or str(ts or "unknown")

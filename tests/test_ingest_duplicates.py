@@ -4,6 +4,7 @@ Also the same instance on several associations at once (reliability.md A9-A11)."
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.scp_support import (
     dataset_part,
     index_summary,
     instance_rows,
+    read_stored,
     running_receiver,
     spool_files,
     store_files,
@@ -36,9 +38,9 @@ def _port(rcv: Any) -> int:
     return int(rcv.server.server_address[1])
 
 
-def _two_versions(tmp_path: Path) -> tuple[Path, Path]:
+def _two_versions(tmp_path: Path, study: str | None = None, series: str | None = None) -> tuple[Path, Path]:
     """Two files with the same Study/Series/SOP Instance UIDs and different pixel data."""
-    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    study, series, sop = study or generate_uid(), series or generate_uid(), generate_uid()
     (a,) = ct_series(tmp_path / "a", slices=1, size=32, study_uid=study, series_uid=series, sop_uids=[sop], seed=1)
     (b,) = ct_series(tmp_path / "b", slices=1, size=32, study_uid=study, series_uid=series, sop_uids=[sop], seed=2)
     assert dataset_part(a) != dataset_part(b)
@@ -146,3 +148,58 @@ def test_same_instance_on_concurrent_associations_is_stored_once(settings_for: A
         (counts,) = summary["study_counts"].values()
         assert counts[0] == 5
         assert temp_files(rcv.settings.data_dir) == []
+
+
+def test_different_copies_on_concurrent_associations_keep_exactly_one(settings_for: Any, tmp_path: Path) -> None:
+    """Two different copies of one SOP Instance UID sent at the same moment on two associations:
+    both get the keep-first answer a sequential resend gets (success), and the spool file and
+    the index row are the same one copy, with one recorded "kept-first" event. Repeated, since a
+    race shows only sometimes. The series is known beforehand (as for every instance but a
+    series' first): the copies then meet only at the spool and the instance row."""
+    rounds = 8
+    study, series = generate_uid(), generate_uid()
+    (first,) = ct_series(tmp_path / "first", slices=1, size=32, study_uid=study, series_uid=series)
+    pairs = [_two_versions(tmp_path / f"r{i}", study, series) for i in range(rounds)]
+    with running_receiver(settings_for(max_associations=8)) as rcv:
+        port = _port(rcv)
+        assert store_files(port, [first]) == [0x0000]
+        for a, b in pairs:
+            # Each association is opened first, then both send at once (the barrier).
+            barrier = threading.Barrier(2)
+            results: dict[int, int | None] = {}
+            threads = [
+                threading.Thread(target=_send_at_barrier, args=(port, p, barrier, results, i))
+                for i, p in enumerate((a, b))
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert results == {0: 0x0000, 1: 0x0000}
+        db_url = rcv.settings.resolved_database_url
+        rows = {r.sop_instance_uid: r for r in instance_rows(db_url)}
+        assert len(rows) == rounds + 1 and len(spool_files(rcv.settings.data_dir)) == rounds + 1
+        for a, b in pairs:
+            row = rows[read_stored(a).SOPInstanceUID]
+            on_disk = dataset_part(rcv.settings.spool_dir / row.path)
+            assert on_disk in (dataset_part(a), dataset_part(b))
+            assert hashlib.sha256(on_disk).hexdigest() == row.sha256, "index and spool disagree"
+        events = index_summary(db_url)["duplicates"]
+        paired = [rows[read_stored(a).SOPInstanceUID].id for a, _ in pairs]
+        assert sorted(e["instance_id"] for e in events) == sorted(paired)
+        assert all(not e["identical"] and e["action"] == "kept-first" for e in events)
+        assert temp_files(rcv.settings.data_dir) == []
+
+
+def _send_at_barrier(port: int, path: Path, barrier: threading.Barrier, results: dict[int, int | None], i: int) -> None:
+    from pynetdicom import AE
+
+    ae = AE(ae_title=f"SCU{i}")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+    assert assoc.is_established
+    barrier.wait(30)
+    rsp = assoc.send_c_store(path)
+    results[i] = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+    assoc.release()

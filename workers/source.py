@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from dicom_node.errors import JobError
+from dicom_node.dataset_io import DEFAULT_MAX_DECODED_BYTES, open_part10
+from dicom_node.errors import IngestError, JobError
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from dicom_node.state import Database, Instance, Series
@@ -144,9 +144,13 @@ class DicomWebSource:
         shutil.rmtree(self.cache, ignore_errors=True)
 
 
-def read_headers(paths: list[Path]) -> list[Dataset]:
-    """Headers without pixel data (for series selection and encoders)."""
-    return [dcmread(p, stop_before_pixels=True) for p in paths]
+def read_headers(paths: list[Path], *, limit: int = DEFAULT_MAX_DECODED_BYTES) -> list[Dataset]:
+    """Headers without pixel data (for series selection and encoders), read within ``limit``
+    inflated bytes (:func:`dicom_node.dataset_io.open_part10`)."""
+    try:
+        return [open_part10(p, limit=limit).dataset for p in paths]
+    except IngestError as exc:
+        raise JobError(f"an input instance is refused: {exc}") from None
 
 
 def make_source(settings: Settings, job_id: str, study_instance_uid: str) -> Source:

@@ -16,7 +16,9 @@ Contract used across ``workers``:
   Legacy Converted Enhanced CT (per-frame functional groups);
 * localizers / scouts and images of another orientation are left out (with a note);
 * the voxel count is checked from the headers *before* any pixel data is decoded, so a
-  "pixel bomb" is refused without allocating it;
+  "pixel bomb" is refused without allocating it; every file is opened through
+  :mod:`dicom_node.dataset_io` (Deflated inflated as a capped stream; declared decoded size,
+  NumberOfFrames against the fragments and each codestream's size checked before decoding);
 * gantry tilt and variable spacing are kept as they are (``uniform`` is False); detectors that
   need an even grid use :func:`uniform_grid`, which resamples along the normal and maps results
   back to source slice indices.
@@ -33,10 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.errors import JobError
+from dicom_node.dataset_io import (
+    DEFAULT_MAX_DECODED_BYTES,
+    MAX_FRAMES,
+    check_pixels,
+    open_checked,
+    open_part10,
+)
+from dicom_node.errors import IngestError, JobError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -168,9 +176,14 @@ class Volume:
 # -- reading headers and grouping ---------------------------------------------------------------
 
 
-def read_header(path: str | os.PathLike[str]) -> Dataset:
-    """Read a DICOM file without its pixel data (cheap; used for grouping and selection)."""
-    return pydicom.dcmread(os.fspath(path), stop_before_pixels=True)
+def read_header(
+    path: str | os.PathLike[str], *, limit: int = DEFAULT_MAX_DECODED_BYTES
+) -> Dataset:
+    """Read a DICOM file without its pixel data (cheap; used for grouping and selection).
+
+    Bounded: a Deflated data set is inflated as a stream, never past ``limit`` bytes.
+    """
+    return open_part10(os.fspath(path), limit=limit).dataset
 
 
 def group_series(datasets: Iterable[Dataset]) -> dict[str, list[Dataset]]:
@@ -193,9 +206,12 @@ def is_localizer(ds: Dataset) -> bool:
 def frame_count(ds: Dataset) -> int:
     """Number of frames of an instance (1 for single-frame)."""
     try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+        count = max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError):
         return 1
+    if count > MAX_FRAMES:
+        raise VolumeError(f"NumberOfFrames above {MAX_FRAMES} is refused")
+    return count
 
 
 # -- per-frame geometry -------------------------------------------------------------------------
@@ -339,7 +355,9 @@ class _Source:
     """The full dataset when the caller passed Datasets (pixel data in memory)."""
 
 
-def _as_sources(items: Sequence[str | os.PathLike[str] | Dataset]) -> list[_Source]:
+def _as_sources(
+    items: Sequence[str | os.PathLike[str] | Dataset], limit: int = DEFAULT_MAX_DECODED_BYTES
+) -> list[_Source]:
     sources = []
     for item in items:
         if isinstance(item, Dataset):
@@ -349,7 +367,12 @@ def _as_sources(items: Sequence[str | os.PathLike[str] | Dataset]) -> list[_Sour
         else:
             path = os.fspath(item)
             try:
-                header = read_header(path)
+                # Sized now, before any geometry or decoding: a pixel bomb fails the job here.
+                opened = open_part10(path, limit=limit)
+                check_pixels(opened, path, limit)
+                header = opened.dataset
+            except IngestError as exc:
+                raise VolumeError(f"an input file is refused: {exc}") from None
             except Exception as exc:
                 raise VolumeError(f"cannot read DICOM header of an input file ({type(exc).__name__})") from exc
             sources.append(_Source(header=header, path=path, dataset=None))
@@ -373,6 +396,7 @@ def load_series(
     *,
     series_instance_uid: str | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> Volume:
     """Load one series (file paths or pydicom Datasets) into a :class:`Volume` in HU.
 
@@ -381,11 +405,12 @@ def load_series(
     orientation are left out and listed in ``Volume.notes``. Raises :class:`VolumeError` with a
     reason (no patient data) when the series cannot be loaded: no images, mixed matrix sizes,
     two images at one position, more than ``max_voxels`` voxels (checked before decoding),
-    undecodable pixel data.
+    undecodable pixel data, an instance that inflates or declares pixel data beyond
+    ``max_decoded_bytes`` (``scp.max_decoded_bytes``) or whose frames exceed its fragments.
     """
     if not items:
         raise VolumeError("no images given")
-    sources = _as_sources(items)
+    sources = _as_sources(items, max_decoded_bytes)
     groups = group_series(s.header for s in sources)
     if series_instance_uid is None:
         if len(groups) > 1:
@@ -496,7 +521,7 @@ def load_series(
     affine[:3, 2] = row_dir * pixel_spacing[1]
     affine[:3, 3] = positions[0]
 
-    array, slices, headers = _read_pixels(sources, frames, rows, cols)
+    array, slices, headers = _read_pixels(sources, frames, rows, cols, max_decoded_bytes)
     first = sources[frames[0].source].header
     thicknesses = [f.thickness for f in frames if f.thickness]
     return Volume(
@@ -525,7 +550,7 @@ def _same_image(sources: list[_Source], a: _Frame, b: _Frame) -> bool:
 
 
 def _read_pixels(
-    sources: list[_Source], frames: list[_Frame], rows: int, cols: int
+    sources: list[_Source], frames: list[_Frame], rows: int, cols: int, limit: int
 ) -> tuple[np.ndarray, list[SourceSlice], list[Dataset]]:
     """Decode each needed instance once, rescale to HU into a preallocated float32 array.
 
@@ -541,7 +566,7 @@ def _read_pixels(
     for src_index, entries in by_source.items():
         src = sources[src_index]
         header = _header_copy(src.header)
-        pixels = _decode(src)
+        pixels = _decode(src, limit)
         multi = entries[0][1].frame_number is not None
         if multi and pixels.ndim == 2:
             pixels = pixels[None]
@@ -568,19 +593,26 @@ def _read_pixels(
     return array, [s for s in slices if s is not None], [h for h in headers if h is not None]
 
 
-def _decode(src: _Source) -> np.ndarray:
-    """Pixel data of one instance as stored values (before rescale)."""
+def _decode(src: _Source, limit: int) -> np.ndarray:
+    """Pixel data of one instance as stored values (before rescale).
+
+    A file is opened with :func:`dicom_node.dataset_io.open_checked`: a pixel bomb (declared
+    size over ``limit``, frames beyond the fragments, a codestream larger than Rows x Columns)
+    fails the job with a reason before a decoder allocates anything.
+    """
     try:
         if src.dataset is not None and "PixelData" in src.dataset:
             return src.dataset.pixel_array
         if src.path is None:
             raise VolumeError("a dataset without pixel data was given")
-        ds = pydicom.dcmread(src.path)
+        ds = open_checked(src.path, limit=limit)
         if "PixelData" not in ds:
             raise VolumeError("an image instance has no pixel data")
         return ds.pixel_array
     except VolumeError:
         raise
+    except IngestError as exc:
+        raise VolumeError(f"pixel data refused before decoding: {exc}") from None
     except Exception as exc:
         ts = ""
         meta = getattr(src.header, "file_meta", None)

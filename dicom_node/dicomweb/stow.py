@@ -6,6 +6,11 @@ at ``scp.max_instance_bytes``, made a PS3.10 file when it lacks file meta, and h
 The per-instance DIMSE status becomes the FailureReason of the PS3.18 response, and the set of
 statuses decides the HTTP status (:func:`http_status`).
 
+Before anything parses a part whole, :func:`dicom_node.dataset_io.check_part10` bounds it: a
+Deflated data set is inflated as a stream and refused past ``scp.max_decoded_bytes`` (a deflate
+bomb never reaches memory), and pixel data declaring more than that is refused (a pixel bomb).
+Such a part fails with A700 and, not being worth a retry, HTTP 409 rather than 503.
+
 Nothing here logs UIDs or patient data.
 """
 
@@ -18,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from python_multipart.multipart import MultipartParseError, MultipartParser
 
+from dicom_node.dataset_io import check_part10, open_part10
 from dicom_node.dicomweb.media import DICOM, parse_media_type
 from dicom_node.dicomweb.part10 import ensure_part10
+from dicom_node.errors import StorageError
 from dicom_node.ingest import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -61,6 +67,8 @@ class PartOutcome:
     duplicate: str | None = None
     size: int = 0
     too_large: bool = False
+    over_decode_cap: bool = False
+    """Refused because it inflates or decodes beyond ``scp.max_decoded_bytes``."""
 
     @property
     def stored(self) -> bool:
@@ -288,8 +296,9 @@ class StowSession:
                 self.spool.discard(part.path)
             return part.refused
         assert part.path is not None
+        limit = self.ingestor.max_inflated
         if part.too_large:
-            names = identify(part.path)
+            names = identify(part.path, limit)
             self.spool.discard(part.path)
             return PartOutcome(
                 STATUS_OUT_OF_RESOURCES,
@@ -301,7 +310,14 @@ class StowSession:
         except OSError as exc:
             self.spool.discard(part.path)
             return PartOutcome(STATUS_OUT_OF_RESOURCES, f"storage error: {exc.strerror}")
-        names = identify(path)
+        names = identify(path, limit)
+        try:
+            check_part10(path, limit=limit, decoded_limit=self.ingestor.max_decoded)
+        except StorageError as exc:
+            self.spool.discard(path)
+            return PartOutcome(exc.status, str(exc), over_decode_cap=True).named(names)
+        except Exception:
+            pass  # not understood: the ingest path refuses it with the precise C00x status
         result: IngestResult = self.ingestor.ingest_file(
             path,
             calling_ae_title=None,
@@ -340,12 +356,16 @@ _NAME_KEYWORDS = {
     "study_instance_uid": "StudyInstanceUID",
     "series_instance_uid": "SeriesInstanceUID",
 }
+_NAME_TAGS = [0x00080016, 0x00080018, 0x0020000D, 0x0020000E]
 
 
-def identify(path: Path) -> Names:
-    """Read the UIDs naming an instance (empty where unreadable or not a valid UID)."""
+def identify(path: Path, limit: int) -> Names:
+    """Read the UIDs naming an instance (empty where unreadable or not a valid UID).
+
+    Bounded like every read of a received part: at most ``limit`` bytes inflated or read.
+    """
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_NAME_KEYWORDS.values()))
+        ds = open_part10(path, limit=limit, specific_tags=_NAME_TAGS).dataset
     except Exception:
         return Names()
     found: dict[str, str] = {}
@@ -373,9 +393,13 @@ def http_status(result: StowResult) -> int:
     if all((c & 0xF000) == 0xC000 for c in codes):
         return 400  # none could be understood
     if codes == {STATUS_OUT_OF_RESOURCES}:
-        # 413 when every instance was over the size cap; otherwise the node is short of space
-        # (503: "busy", the client should retry later).
-        return 413 if all(p.too_large for p in failed) else 503
+        # 413 when every instance was over the size cap; 503 ("busy", retry later) when the
+        # node is short of space; 409 when they inflate or decode beyond the cap (PS3.18
+        # 10.5.3: stored none, and the same request will be refused again).
+        if all(p.too_large for p in failed):
+            return 413
+        if any(not (p.too_large or p.over_decode_cap) for p in failed):
+            return 503
     return 409
 
 

@@ -20,5 +20,8 @@ def build_components(settings: Settings, service: Any) -> list[Any]:
 
         components.append(HttpServer(settings, db))
     if settings.embedded_worker_count:
-        components.append(EmbeddedWorkers(settings, getattr(service, "config_path", None)))
+        supervisor = service if hasattr(service, "part_restarted") else None
+        components.append(
+            EmbeddedWorkers(settings, getattr(service, "config_path", None), supervisor)
+        )
     return components

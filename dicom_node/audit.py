@@ -4,7 +4,7 @@ Each record says who (calling AE title and host, HTTP user, worker id or ``node`
 event name), when, and the outcome, plus opaque keys (study key, job id). It is written to the
 state database (table ``audit_events``) and, as one line, to the ``dicom_node.audit`` logger.
 Values are single-line: control characters are replaced, so a hostile AE title cannot forge or
-split records.
+split records; an exception passed as a value is recorded by its type (``dicom_node.phi``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import re
 from typing import Any
 
+from dicom_node.phi import describe_exception
 from dicom_node.state import AuditEvent, Database, utcnow
 
 LOGGER = logging.getLogger("dicom_node.audit")
@@ -35,8 +36,10 @@ AUTH_FAILED = "auth-failed"
 
 
 def clean(value: object, limit: int = 128) -> str:
-    """A value made safe for a one-line record."""
-    return _CONTROL.sub("?", str(value))[:limit]
+    """A value made safe for a one-line record (an exception is named by its type only, unless
+    it is one of the node's own: a library's message may quote a dataset value)."""
+    text = describe_exception(value) if isinstance(value, BaseException) else str(value)
+    return _CONTROL.sub("?", text)[:limit]
 
 
 def record(
@@ -51,7 +54,9 @@ def record(
 ) -> None:
     """Append one audit record. Never raises: an audit failure is logged, not propagated."""
     safe_actor = clean(actor) if actor is not None else None
-    safe_detail = {k: (clean(v, 512) if isinstance(v, str) else v) for k, v in detail.items()}
+    safe_detail = {
+        k: (clean(v, 512) if isinstance(v, str | BaseException) else v) for k, v in detail.items()
+    }
     LOGGER.info(
         "audit %s outcome=%s actor=%s study=%s job=%s %s",
         event,

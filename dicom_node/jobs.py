@@ -23,6 +23,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, or_, select, update
 
 from dicom_node.broker import DELIVER_TASK, DELIVERY_QUEUE, RUN_JOB_TASK
+from dicom_node.phi import reason_text
 from dicom_node.state import Database, Delivery, DeliveryState, Job, JobState, Outbox, Study, utcnow
 
 _JOB_NAMESPACE = uuid.UUID("6d1f2b1e-8f0c-4e0f-9d7a-3a7c1f4b2e11")
@@ -134,7 +135,7 @@ def finish(
         job_id,
         owner,
         state=state.value,
-        reason=reason,
+        reason=reason_text(reason),
         finished_at=now,
         lease_owner=None,
         lease_expires_at=None,
@@ -188,7 +189,7 @@ def release_for_retry(db: Database, job_id: str, owner: str, reason: str, delay:
         queue=None,
         due=utcnow() + timedelta(seconds=delay),
         state=JobState.QUEUED.value,
-        reason=reason,
+        reason=reason_text(reason),
     )
 
 

@@ -205,3 +205,33 @@ def test_patient_identity_and_character_set_carry_over(tmp_path: Path) -> None:
             "ISO_IR 192", "Müller^Jürgen", dicomgen.CANARY_ID
         )
         assert dciodvfy_errors(obj.data) == [], obj.kind
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR 999", "ISO 2022 IR 100", ""])
+def test_a_character_set_highdicom_refuses_does_not_fail_the_seg(tmp_path: Path, charset: str) -> None:
+    """An unknown, a lone code-extension or an empty Specific Character Set in the source: the SEG
+    (and SR) are still built, with text readable and dciodvfy-clean."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    paths = dicomgen.ct_series(tmp_path / "ct", slices=6, size=64)
+    description = Tag(0x00081030)  # Study Description, Latin-1 bytes
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.SpecificCharacterSet = charset
+        ds.save_as(p)
+        ds = pydicom.dcmread(p)
+        ds._dict[description] = RawDataElement(description, "LO", 6, b"M\xfcller", 0, False, True)
+        ds.save_as(p)
+    volume = load_volume(paths)
+    objects = _by_kind(encode_results(volume, detection(volume, [sphere_finding(volume, (3, 32, 32), 3.0)]), job_for(volume)))
+    assert set(objects) == {KIND_SR, KIND_SEG}
+    for obj in objects.values():
+        ds = read(obj.data)
+        assert str(ds.PatientName) == dicomgen.CANARY_NAME and ds.PatientID == dicomgen.CANARY_ID
+        if charset == "ISO 2022 IR 100":  # Latin-1 after all: kept, written as UTF-8
+            assert (ds.SpecificCharacterSet, ds.StudyDescription) == ("ISO_IR 192", "Müller")
+        else:  # not decodable with certainty: left out
+            assert "StudyDescription" not in ds
+        assert dciodvfy_errors(obj.data) == [], obj.kind

@@ -194,3 +194,30 @@ def test_sr_on_real_tilted_ct(real_ct: Path) -> None:
     ref = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == volume.slices[finding.key_slice].sop_instance_uid
     assert group.finding_sites == []
+
+
+def test_malformed_patient_and_study_values_never_fail_the_sr(tmp_path: Path) -> None:
+    """A birth date of 'ZQCA1234'-like letters, a Study Time of '99:99', a person name with six
+    components and the like (tests.test_phi_canary.MALFORMED): the SR (and SEG) are still built,
+    the malformed values are emptied (Type 2) or left out, and dciodvfy finds no error."""
+    from tests.test_phi_canary import MALFORMED_CANARIES, malform
+
+    paths = dicomgen.ct_series(tmp_path / "ct", slices=6, size=64)
+    malform(paths)
+    volume = load_volume(paths)
+    finding = sphere_finding(volume, (3, 32, 32), 3.0)
+    objects = _by_kind(encode_results(volume, detection(volume, [finding]), job_for(volume)))
+    assert set(objects) == {KIND_SR, KIND_SEG}
+    sr = read(objects[KIND_SR].data)
+    for keyword in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientName", "PatientSex",
+                    "AccessionNumber", "ReferringPhysicianName", "StudyID"):
+        assert keyword in sr and sr[keyword].value in ("", None), keyword  # Type 2: present, empty
+    for keyword in ("PatientBirthTime", "OtherPatientNames", "StudyDescription", "IssuerOfPatientID",
+                    "Occupation", "SmokingStatus", "PatientAge", "PatientWeight", "PatientSize",
+                    "ReferencedStudySequence"):
+        assert keyword not in sr, keyword  # Type 3: left out
+    assert sr.PatientID == dicomgen.CANARY_ID  # the PACS's patient key is carried as stored
+    for obj in objects.values():
+        assert dciodvfy_errors(obj.data) == [], obj.kind
+        for canary in MALFORMED_CANARIES:
+            assert canary.encode() not in obj.data, (obj.kind, canary)

@@ -32,6 +32,7 @@ from dicom_node.errors import (
     TransientDeliveryError,
 )
 from dicom_node.logs import log_context
+from dicom_node.phi import describe_exception
 from dicom_node.state import Delivery, DeliveryState, Job, JobState, Output, Study, utcnow
 from workers.runtime import WorkerRuntime
 from workers.source import instance_refs, make_source, read_headers
@@ -42,15 +43,28 @@ RETRY_DELAY_SECONDS = 15.0
 """Pause before a job that failed with an unexpected error runs again."""
 
 
+# What each stage does, for failure reasons ("loading the study failed: ValueError").
+_STAGE_WORDS = {
+    "load": "loading the study",
+    "detect": "running the model",
+    "encode": "encoding the results",
+    "deliver": "delivering the results",
+}
+
+
 @dataclass
 class _Stages:
     timings: dict[str, float] = field(default_factory=dict)
+    current: str | None = None
+    """The stage that is running (left set when it raises, so a failure can name it)."""
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
+        self.current = name
         try:
             yield
+            self.current = None
         finally:
             self.timings[name] = round(
                 self.timings.get(name, 0.0) + time.perf_counter() - started, 4
@@ -177,7 +191,8 @@ class JobRunner:
                 refs = instance_refs(self.db, study_id, series_uids)
                 source = make_source(self.settings, job_id, study_uid)
                 files = source.fetch(refs)
-                headers = {uid: read_headers(paths) for uid, paths in files.items()}
+                cap = self.settings.scp.max_decoded_bytes
+                headers = {uid: read_headers(paths, limit=cap) for uid, paths in files.items()}
                 from workers.selection import select_series
 
                 selection = select_series(headers, detector.requirements)
@@ -186,7 +201,11 @@ class JobRunner:
                 chosen = selection.series_instance_uid
                 from workers.volume import load_series
 
-                volume = load_series(files[chosen], max_voxels=detector.requirements.max_voxels)
+                volume = load_series(
+                    files[chosen],
+                    max_voxels=detector.requirements.max_voxels,
+                    max_decoded_bytes=cap,
+                )
             heartbeat.check()
 
             with stages.stage("detect"):
@@ -243,11 +262,15 @@ class JobRunner:
             self._finish(job_id, study_key, JobState.SKIPPED, str(exc), stages)
             return "skipped"
         except JobError as exc:
-            self._finish(job_id, study_key, JobState.FAILED, str(exc), stages)
+            # str(exc) is ours (patient-free); a library cause keeps its frames in the log line,
+            # with its message withheld by the formatter.
+            self._finish(job_id, study_key, JobState.FAILED, str(exc), stages, cause=exc.__cause__)
             return "failed"
         except DicomNodeError as exc:
             return self._unexpected(job_id, study_key, attempt, exc, stages)
         except Exception as exc:
+            # The formatter withholds library exception messages (they may quote dataset
+            # values) and keeps the frames.
             LOGGER.exception("job attempt %d failed unexpectedly", attempt)
             return self._unexpected(job_id, study_key, attempt, exc, stages)
         finally:
@@ -257,7 +280,7 @@ class JobRunner:
     def _unexpected(
         self, job_id: str, study_key: str | None, attempt: int, exc: Exception, stages: _Stages
     ) -> str:
-        reason = f"{type(exc).__name__}: {_first_line(str(exc))}"
+        reason = _failure_reason(exc, stages.current)
         with self.db.session() as s:
             job = s.get(Job, job_id)
             max_attempts = job.max_attempts if job else 1
@@ -283,6 +306,8 @@ class JobRunner:
         state: JobState,
         reason: str | None,
         stages: _Stages | None = None,
+        *,
+        cause: BaseException | None = None,
         **extra: Any,
     ) -> None:
         values: dict[str, Any] = {}
@@ -294,7 +319,9 @@ class JobRunner:
             values["timings"] = merged
         if jobstate.finish(self.db, job_id, self.owner, state, reason, **values):
             level = logging.INFO if state in (JobState.DONE, JobState.SKIPPED) else logging.ERROR
-            LOGGER.log(level, "job %s%s", state.value, f": {reason}" if reason else "")
+            LOGGER.log(
+                level, "job %s%s", state.value, f": {reason}" if reason else "", exc_info=cause
+            )
             self._audit_state(
                 job_id,
                 study_key,
@@ -535,6 +562,16 @@ class JobRunner:
             state=state.value,
             **detail,
         )
+
+
+def _failure_reason(exc: BaseException, stage: str | None) -> str:
+    """A patient-free reason: the stage and the exception type (with the message only for the
+    node's own errors; a library's message may quote a dataset value)."""
+    described = describe_exception(exc)
+    if not isinstance(exc, DicomNodeError):
+        where = _STAGE_WORDS.get(stage or "", "the job")
+        return f"{where} failed: {described}"
+    return _first_line(described)
 
 
 def _first_line(text: str, limit: int = 200) -> str:

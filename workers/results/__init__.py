@@ -19,8 +19,12 @@ encoded twice gives the same bytes. See ``identity``, ``seg``, ``sr`` and ``conf
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from dicom_node.errors import DicomNodeError, JobError
+from dicom_node.phi import describe_exception
 from workers.findings import CodedConcept, DetectionResult
 from workers.results.conformance import (
     ConformanceError,
@@ -41,9 +45,9 @@ from workers.results.identity import (
     output_identity,
 )
 from workers.results.objects import EncodedObject, load_results, write_results
-from workers.results.seg import BINARY, FRACTIONAL, build_segmentation
+from workers.results.seg import BINARY, FRACTIONAL, SEGMENTATION_TYPES, build_segmentation
 from workers.results.sources import check_result_matches
-from workers.results.sr import build_viewer_sr, build_volumetric_sr
+from workers.results.sr import ROI_SHAPES, build_viewer_sr, build_volumetric_sr
 from workers.volume import Volume
 
 __all__ = [
@@ -109,6 +113,25 @@ def expected_identities(job: JobContext, options: EncodeOptions | None = None) -
     }
 
 
+_OBJECT_NAMES = {KIND_SR: "the SR", KIND_SEG: "the SEG", KIND_SR_VOLUMETRIC: "the volumetric SR"}
+
+
+@contextlib.contextmanager
+def _building(kind: str) -> Iterator[None]:
+    """Turn a library's failure while building ``kind`` into a patient-free :class:`JobError`.
+
+    highdicom and pydicom quote the offending dataset value in their messages, and encoding the
+    same inputs again fails the same way, so the job fails now with the object and the
+    exception type as its reason (the cause stays chained for the traceback in the log).
+    """
+    try:
+        yield
+    except DicomNodeError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, ArithmeticError) as exc:
+        raise JobError(f"building {_OBJECT_NAMES[kind]} failed: {describe_exception(exc)}") from exc
+
+
 def encode_results(
     volume: Volume,
     result: DetectionResult,
@@ -128,32 +151,43 @@ def encode_results(
     if volume.study_instance_uid != job.study_instance_uid:
         raise ValueError("the volume belongs to a different study than the job")
     check_result_matches(volume, result)
+    if options.roi_shape not in ROI_SHAPES:
+        raise ValueError(f"roi_shape must be one of {ROI_SHAPES}, got {options.roi_shape!r}")
+    if options.segmentation_type not in SEGMENTATION_TYPES:
+        raise ValueError(
+            f"segmentation_type must be one of {SEGMENTATION_TYPES}, got {options.segmentation_type!r}"
+        )
     ids = expected_identities(job, options)
 
-    objects = [
-        EncodedObject.from_dataset(
-            KIND_SR,
-            build_viewer_sr(
-                volume, result, job, ids[KIND_SR],
-                roi_shape=options.roi_shape, procedure=options.procedure_reported,
-            ),
+    with _building(KIND_SR):
+        objects = [
+            EncodedObject.from_dataset(
+                KIND_SR,
+                build_viewer_sr(
+                    volume, result, job, ids[KIND_SR],
+                    roi_shape=options.roi_shape, procedure=options.procedure_reported,
+                ),
+            )
+        ]
+    with _building(KIND_SEG):
+        built = build_segmentation(
+            volume, result, job, ids[KIND_SEG], segmentation_type=options.segmentation_type
         )
-    ]
-    built = build_segmentation(volume, result, job, ids[KIND_SEG], segmentation_type=options.segmentation_type)
-    if built is not None:
-        seg, segments = built
-        seg_obj = EncodedObject.from_dataset(KIND_SEG, seg)
+        seg_obj = None if built is None else EncodedObject.from_dataset(KIND_SEG, built[0])
+    if built is not None and seg_obj is not None:
+        segments = built[1]
         objects.append(seg_obj)
         if options.volumetric_sr:
-            objects.append(
-                EncodedObject.from_dataset(
-                    KIND_SR_VOLUMETRIC,
-                    build_volumetric_sr(
-                        volume, result, job, ids[KIND_SR_VOLUMETRIC], seg_obj.dataset, segments,
-                        procedure=options.procedure_reported,
-                    ),
+            with _building(KIND_SR_VOLUMETRIC):
+                objects.append(
+                    EncodedObject.from_dataset(
+                        KIND_SR_VOLUMETRIC,
+                        build_volumetric_sr(
+                            volume, result, job, ids[KIND_SR_VOLUMETRIC], seg_obj.dataset, segments,
+                            procedure=options.procedure_reported,
+                        ),
+                    )
                 )
-            )
 
     if options.check:
         facts = SourceFacts.from_volume(volume, job)

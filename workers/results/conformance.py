@@ -26,7 +26,6 @@ it is used when installed and asked for). Messages never contain UIDs or patient
 from __future__ import annotations
 
 import io
-import re
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +37,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import ConformanceError
+from dicom_node.phi import scrub_text
 from dicom_node.uids import uid_problem
 from workers.results.identity import (
     AIR_PROCESSING_ALGORITHM,
@@ -386,15 +386,13 @@ def check_object(
         if errors:
             # dciodvfy quotes attribute values (patient data among them): keep its verdict, not
             # the values, in a reason that goes into the job record.
-            first = _VALUE_QUOTE.sub("<...>", errors[0])
+            first = scrub_text(errors[0])
             problems.append(f"{obj.kind}: dciodvfy reported {len(errors)} error(s), first: {first}")
     if problems:
         raise ConformanceError("; ".join(problems))
 
 
 # -- dciodvfy ----------------------------------------------------------------------------------
-
-_VALUE_QUOTE = re.compile(r"<[^<>]*>")
 
 
 @dataclass(frozen=True)

@@ -5,19 +5,22 @@ slightly non-conformant (the GE series in the test data lacks the Type 2 Patient
 PatientSex, and says its identity was removed without naming the method); copied verbatim, those
 defects would make every SEG and SR we send fail validation. So the encoders work on *copies* of
 the headers with such inherited defects repaired in the least inventive way: a missing Type 2
-attribute becomes present and empty, and an unnamed de-identification method is stated as
-unknown. The caller's volume is never modified.
+attribute becomes present and empty, a malformed patient or study value is emptied or left out
+(``workers.results.carry``), and an unnamed de-identification method is stated as unknown. The
+caller's volume is never modified.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import JobError
 from workers.findings import DetectionResult
+from workers.results.carry import carry_safely
 from workers.volume import Volume
 
 # Type 2 attributes of the Patient, General Study and Patient Study modules that the SEG and
@@ -34,6 +37,8 @@ _TYPE2_FROM_SOURCE = (
     "AccessionNumber",
 )
 DEIDENTIFICATION_UNKNOWN = "Not stated in the source images"
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,13 @@ class SourceImages:
         return any(f is not None for f in self.slice_frame)
 
 
-def _repaired(header: Dataset) -> Dataset:
+def _repaired(header: Dataset, changed: set[str]) -> Dataset:
     ds = copy.deepcopy(header)
     # highdicom reads geometry from the headers only; without pixel data the copies stay small.
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
             delattr(ds, keyword)
+    changed.update(carry_safely(ds))
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in ds:
             setattr(ds, keyword, "")
@@ -84,15 +90,20 @@ def source_images(volume: Volume) -> SourceImages:
             f"{len(volume.slices)} slice records; cannot map results to source images"
         )
     by_uid: dict[str, Dataset] = {}
+    changed: set[str] = set()
     slice_image: list[Dataset] = []
     slice_frame: list[int | None] = []
     for k, (header, src) in enumerate(zip(headers, volume.slices, strict=True)):
         if str(getattr(header, "SOPInstanceUID", "")) != src.sop_instance_uid:
             raise JobError(f"header {k} does not belong to source slice {k}")
         if src.sop_instance_uid not in by_uid:
-            by_uid[src.sop_instance_uid] = _repaired(header)
+            by_uid[src.sop_instance_uid] = _repaired(header, changed)
         slice_image.append(by_uid[src.sop_instance_uid])
         slice_frame.append(src.frame_number)
+    if changed:
+        LOGGER.info(
+            "malformed source values not carried into the results: %s", ", ".join(sorted(changed))
+        )
     images = SourceImages(datasets=list(by_uid.values()), slice_image=slice_image, slice_frame=slice_frame)
     if images.multiframe and (len(images.datasets) != 1 or None in slice_frame):
         raise JobError("slices from several multi-frame instances (or mixed with single frames) cannot be encoded")

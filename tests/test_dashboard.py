@@ -225,6 +225,14 @@ def test_dashboard_shows_the_processed_job_with_preview_and_opens_ohif(
         # Everything the pages loaded came from the node itself (no CDN).
         resources = browser.eval("performance.getEntriesByType('resource').map(e => e.name)")
         assert resources and all(r.startswith(base + "/") for r in resources), resources
+        # So do the API docs: the node's own Swagger UI renders the schema under its CSP.
+        browser.goto(base + "/api/docs")
+        browser.wait(".swagger-ui .info .title", 30000)
+        assert browser.eval("document.querySelectorAll('.opblock').length") > 5
+        resources = browser.eval("performance.getEntriesByType('resource').map(e => e.name)")
+        assert resources and all(r.startswith(base + "/") for r in resources), resources
+        browser.goto(f"{base}/jobs/{job.id}")
+        browser.wait("#open-ohif")
 
         # "Open in OHIF" opens the viewer on this study, with our SR and SEG next to the CT.
         href = browser.eval("document.getElementById('open-ohif').href")

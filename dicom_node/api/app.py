@@ -6,11 +6,14 @@ import importlib
 import pkgutil
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from dicom_node import __version__
 from dicom_node.api import routes
 from dicom_node.api.auth import RequireCredentials
+from dicom_node.api.limits import LimitBody
+from dicom_node.api.security import BrowserProtections
+from dicom_node.api.throttle import LoginThrottle
 from dicom_node.settings import Settings
 from dicom_node.state import Database
 
@@ -21,7 +24,7 @@ def create_app(settings: Settings, db: Database, *, broker_check: Any = None) ->
         title="dicom-node",
         version=__version__,
         description="HTTP API of the dicom-node AI node. Every route except /healthz needs credentials.",
-        docs_url="/api/docs",
+        docs_url=None,  # served from the node itself by routes/docs.py (no CDN)
         openapi_url="/api/openapi.json",
         redoc_url=None,
     )
@@ -38,11 +41,19 @@ def create_app(settings: Settings, db: Database, *, broker_check: Any = None) ->
         if router is not None:
             app.include_router(router)
 
-    @app.middleware("http")
-    async def _no_store(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        response.headers.setdefault("Cache-Control", "no-store")
-        return response
-
-    app.add_middleware(RequireCredentials)
+    # add_middleware puts each one outside the previous: a request meets BrowserProtections
+    # first, then LimitBody, then RequireCredentials, so every answer (401, 413, 429 too)
+    # carries the security headers, and an unauthenticated client never gets to stream a body.
+    http = settings.http
+    app.add_middleware(
+        RequireCredentials,
+        throttle=LoginThrottle(http.login_failures, http.login_lockout_max),
+    )
+    app.add_middleware(
+        LimitBody,
+        max_header_bytes=http.max_header_bytes,
+        max_stow_bytes=http.max_stow_bytes,
+        body_timeout=http.body_timeout,
+    )
+    app.add_middleware(BrowserProtections)
     return app

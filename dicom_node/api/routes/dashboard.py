@@ -12,7 +12,7 @@ import mimetypes
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
@@ -22,6 +22,7 @@ from dicom_node import audit
 from dicom_node import jobs as jobstate
 from dicom_node.api import jobs as job_views
 from dicom_node.api.deps import DatabaseDep, SettingsDep, User
+from dicom_node.api.security import cross_site
 from dicom_node.state import Job, JobState, Study
 
 router = APIRouter(tags=["dashboard"])
@@ -228,18 +229,8 @@ def preview(job_id: str, user: User, db: DatabaseDep, settings: SettingsDep) -> 
 # -- actions ------------------------------------------------------------------------------------
 
 
-def _same_origin(request: Request) -> bool:
-    """Refuse cross-site form posts: a browser sends cached basic credentials with them."""
-    if request.headers.get("sec-fetch-site", "") == "cross-site":
-        return False
-    origin = request.headers.get("origin")
-    if origin and origin != "null":
-        return urlsplit(origin).netloc == request.headers.get("host", "")
-    return True
-
-
 def _action(request: Request, user: str, db: Any, job_id: str, action: str) -> Response:
-    if not _same_origin(request):
+    if cross_site(request.headers):  # BrowserProtections refuses these first; kept as a guard
         raise HTTPException(403, "cross-site request refused")
     with db.session() as s:
         exists = s.get(Job, job_id) is not None

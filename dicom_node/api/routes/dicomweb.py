@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from dicom_node import audit, metrics
 from dicom_node.api.deps import DatabaseDep, User
+from dicom_node.api.limits import BodyTimeout, BodyTooLarge
 from dicom_node.dicomweb import qido, stow, wado
 from dicom_node.dicomweb.media import (
     DICOM,
@@ -86,7 +87,9 @@ def _check_uid(value: str, what: str) -> None:
         raise HTTPException(400, f"{what} in the URL is not a valid UID")
 
 
-def _dicom_json(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+def _dicom_json(
+    content: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     return JSONResponse(content, status_code=status_code, media_type=DICOM_JSON, headers=headers)
 
 
@@ -163,10 +166,31 @@ async def _store(request: Request, user: str, study: str | None) -> Response:
             stow.summary(result),
         )
         return Response(status_code=400)
+    except (BodyTooLarge, BodyTimeout) as exc:
+        # Parts completed before the limit stay stored and indexed; the part cut off is
+        # discarded. LimitBody answers 413 / 408 and closes the connection.
+        if buffer:  # bytes within the limit not yet parsed: they may complete a part
+            await run_in_threadpool(session.feed, bytes(buffer))
+        result = await run_in_threadpool(session.close)
+        for study_key in new_studies:
+            audit.record(
+                backend.db, audit.STUDY_RECEIVED, actor=actor, study_key=study_key, via="stow-rs"
+            )
+        _count(result)
+        counts = stow.summary(result)
+        LOGGER.warning(
+            "STOW-RS body refused (%s): %d stored before, %d failed",
+            "too large" if isinstance(exc, BodyTooLarge) else "client too slow",
+            counts["stored"],
+            counts["failed"],
+        )
+        raise
     result = await run_in_threadpool(session.close)
 
     for study_key in new_studies:
-        audit.record(backend.db, audit.STUDY_RECEIVED, actor=actor, study_key=study_key, via="stow-rs")
+        audit.record(
+            backend.db, audit.STUDY_RECEIVED, actor=actor, study_key=study_key, via="stow-rs"
+        )
     _count(result)
     counts = stow.summary(result)
     status = stow.http_status(result)
@@ -252,11 +276,18 @@ def _instances_or_404(
     return items
 
 
-def _metadata(request: Request, db: Database, study: str, series: str | None = None, sop: str | None = None) -> Response:
+def _metadata(
+    request: Request, db: Database, study: str, series: str | None = None, sop: str | None = None
+) -> Response:
     _require_json(request)
     items = _instances_or_404(db, study, series, sop)
-    spool = _backend(request).spool
-    out = [m for m in (wado.instance_metadata(spool, i) for i in items) if m is not None]
+    backend = _backend(request)
+    limit = backend.settings.scp.max_decoded_bytes
+    out = [
+        m
+        for m in (wado.instance_metadata(backend.spool, i, limit=limit) for i in items)
+        if m is not None
+    ]
     return _dicom_json(out)
 
 
@@ -384,7 +415,9 @@ def search_study_instances(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
     """Instances of a study (matching on SeriesInstanceUID and SOPInstanceUID)."""
-    return _search_instances(request, db, study, series_instance_uid, sop_instance_uid, limit, offset)
+    return _search_instances(
+        request, db, study, series_instance_uid, sop_instance_uid, limit, offset
+    )
 
 
 @router.get(

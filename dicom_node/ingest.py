@@ -27,7 +27,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -100,8 +100,23 @@ class _Parsed:
     sop_class_uid: str
     transfer_syntax_uid: str
     number_of_frames: int | None
-    series_attributes: dict[str, Any]
-    dataset_offset: int
+    header: Dataset = field(repr=False, compare=False)
+    """The header as read (no pixel data), for :meth:`series_attributes`."""
+    dataset_offset: int = 0
+
+    def series_attributes(self) -> dict[str, Any]:
+        """The series row's descriptive columns, read only when a series is first indexed
+        (per instance, converting these values cost ~5 % of a receiver's CPU,
+        ``benchmarks/profile_ingest.py``). A value that cannot be decoded is left out: it
+        never refuses the instance, as its UIDs decide what it is."""
+        try:
+            return _series_attributes(self.header)
+        except Exception as exc:
+            LOGGER.warning(
+                "series attributes cannot be decoded (%s); indexed without them",
+                type(exc).__name__,
+            )
+            return {}
 
 
 class Ingestor:
@@ -564,7 +579,7 @@ class Ingestor:
                 # instance being refused for ever (dicom_node/state/text.py).
                 **{
                     name: storable_text(value) if isinstance(value, str) else value
-                    for name, value in parsed.series_attributes.items()
+                    for name, value in parsed.series_attributes().items()
                 },
             )
             .on_conflict_do_nothing(index_elements=["series_instance_uid"])
@@ -653,12 +668,6 @@ def _parse(fh: Any, max_inflated_bytes: int, max_decoded_bytes: int) -> _Parsed:
         number_of_frames = frame_count(ds) if present else None
     except Exception:
         number_of_frames = None
-    try:
-        attributes = _series_attributes(ds)
-    except Exception as exc:
-        raise InvalidInstanceError(
-            f"series attributes cannot be decoded ({type(exc).__name__})", STATUS_CANNOT_UNDERSTAND
-        ) from None
     return _Parsed(
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
@@ -666,7 +675,7 @@ def _parse(fh: Any, max_inflated_bytes: int, max_decoded_bytes: int) -> _Parsed:
         sop_class_uid=uids["SOPClassUID"],
         transfer_syntax_uid=tsuid,
         number_of_frames=number_of_frames,
-        series_attributes=attributes,
+        header=ds,
         dataset_offset=offset,
     )
 

@@ -173,16 +173,29 @@ def status_outcome(status: int) -> str:
     return "failure"
 
 
+@cache
+def _status_counter(status: int) -> Any:
+    # Labelled children are looked up once per status, not three times per instance.
+    return _receiver_metrics().statuses.labels(
+        status=f"0x{status:04X}", outcome=status_outcome(status)
+    )
+
+
+@cache
+def _source_counters(source: str) -> tuple[Any, Any]:
+    m = _receiver_metrics()
+    return m.instances.labels(source=source), m.bytes.labels(source=source)
+
+
 def observe_instance(source: str, status: int, size: int) -> None:
     """Count one stored-or-refused instance. ``source`` is ``dimse`` or ``stow``."""
-    m = _receiver_metrics()
-    outcome = status_outcome(status)
     if source == "dimse":
-        m.statuses.labels(status=f"0x{status:04X}", outcome=outcome).inc()
-    if outcome != "failure":
-        m.instances.labels(source=source).inc()
+        _status_counter(status).inc()
+    if status_outcome(status) != "failure":
+        instances, stored_bytes = _source_counters(source)
+        instances.inc()
         if size > 0:
-            m.bytes.labels(source=source).inc(size)
+            stored_bytes.inc(size)
 
 
 def observe_association(what: str) -> None:

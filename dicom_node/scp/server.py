@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
+import pydicom.config
 import pynetdicom
 from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
@@ -60,6 +61,10 @@ def configure_pynetdicom(settings: Settings, spool: Spool) -> None:
     # full disk answers A700 without the instance being buffered or written first.
     incoming.install(settings.scp.max_instance_bytes, spool.check_free_space)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # A receiver reads headers only to index them; its own checks (dicom_node.uids) decide
+    # what is refused. pydicom's per-value validation on read cost a regex per UID (several per
+    # instance, ~10 % of parse time) and its warnings quote the values.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 class NodeAssociationServer(ThreadedAssociationServer):
@@ -251,6 +256,7 @@ class Receiver:
             request_handler=NodeRequestHandler,
         )
         assert isinstance(server, NodeAssociationServer)
+        reactor.share_contexts(server.contexts)
         server.on_tls_failure = self._tls_failed
         server.gate = self.gate = self.build_gate()
         server.refuser = self.refuser = Refuser()

@@ -23,7 +23,6 @@ import io
 import logging
 import os
 import sqlite3
-import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +49,7 @@ from dicom_node.dataset_io import (
     check_pixel_data,
     frame_count,
     inflated_size,
+    read_meta,
 )
 from dicom_node.errors import IngestError, InvalidInstanceError, StorageError
 from dicom_node.settings import DuplicatePolicy, Settings
@@ -73,7 +73,6 @@ MAX_SEQUENCE_DEPTH = 64
 """Deeper sequence nesting is refused (DCMTK's limit); pydicom recurses once per level."""
 
 _ZERO_PREAMBLE = b"\x00" * 128
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
 @dataclass(frozen=True)
@@ -623,7 +622,9 @@ def parse_part10_bytes(
 
 
 def _parse(fh: Any, max_inflated_bytes: int, max_decoded_bytes: int) -> _Parsed:
-    offset, tsuid = _file_meta_summary(fh)
+    # Walked by hand: the dataset's offset is also needed to hash the dataset alone.
+    meta = read_meta(fh)
+    offset, tsuid = meta.dataset_offset, meta.transfer_syntax_uid
     try:
         if tsuid == DeflatedExplicitVRLittleEndian:
             # The whole stream, counted and dropped as it inflates: a deflate bomb is refused
@@ -809,38 +810,6 @@ def _series_attributes(ds: Dataset) -> dict[str, Any]:
         "manufacturer": text(0x00080070),
         "slice_thickness": thickness,
     }
-
-
-def _file_meta_summary(fh: Any) -> tuple[int, str]:
-    """Where the dataset starts (after the group 0002 elements), and the Transfer Syntax UID.
-
-    Walks the file meta elements (always Explicit VR Little Endian) without pydicom, because
-    the offset is also needed to hash the dataset alone.
-    """
-    pos = 132
-    tsuid = ""
-    while True:
-        fh.seek(pos)
-        header = fh.read(8)
-        if len(header) < 8:
-            return pos, tsuid
-        group, element = struct.unpack("<HH", header[:4])
-        if group != 0x0002:
-            return pos, tsuid
-        vr = header[4:6]
-        if vr in _LONG_VRS:
-            extra = fh.read(4)
-            if len(extra) < 4:
-                raise InvalidInstanceError("file meta information is truncated", STATUS_CANNOT_UNDERSTAND)
-            length = struct.unpack("<I", extra)[0]
-            start = pos + 12
-        else:
-            length = struct.unpack("<H", header[6:8])[0]
-            start = pos + 8
-        if element == 0x0010:
-            fh.seek(start)
-            tsuid = fh.read(min(length, 64)).decode("ascii", "replace").rstrip("\x00 ")
-        pos = start + length
 
 
 def _hash_from(path: Path, offset: int) -> str:

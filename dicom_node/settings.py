@@ -77,6 +77,16 @@ def _check_ae_title(value: str, what: str) -> str:
     return stripped
 
 
+def _check_networks(values: list[str]) -> list[str]:
+    """Refuse an entry that is not an IP address or CIDR network (host bits may be set)."""
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IP address or CIDR network") from exc
+    return values
+
+
 # Plain forms of list and map settings ----------------------------------------------------------
 #
 # Environment values reach validation as text unless they are a JSON array or object (see
@@ -201,12 +211,7 @@ class AllowedCaller(_Section):
     @field_validator("hosts")
     @classmethod
     def _hosts(cls, v: list[str]) -> list[str]:
-        for host in v:
-            try:
-                ipaddress.ip_network(host, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{host!r} is not an IP address or CIDR network") from exc
-        return v
+        return _check_networks(v)
 
     def allows_host(self, host: str) -> bool:
         if not self.hosts:
@@ -337,12 +342,7 @@ class HttpSettings(_Section):
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies(cls, v: list[str]) -> list[str]:
-        for item in v:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
-        return v
+        return _check_networks(v)
 
     @model_validator(mode="after")
     def _tls_files(self) -> HttpSettings:

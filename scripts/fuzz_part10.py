@@ -19,24 +19,18 @@ Usage::
     .venv/bin/python scripts/fuzz_part10.py --seconds 60          # needs the dev extra (atheris)
     .venv/bin/python scripts/fuzz_part10.py --runs 10000 --work /tmp/part10-corpus
 
-The seed corpus lives in ``tests/fuzz_corpus/part10`` (written by ``--write-seeds``); inputs the
-fuzzer finds interesting go to ``--work`` (a temporary folder unless given), crash inputs to
-``--artifacts``.
+Seeds: ``tests/fuzz_corpus/part10``; the options are :mod:`atheris_runner`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import logging
-import sys
-import tempfile
-import warnings
 import zlib
 from pathlib import Path
 
 import atheris
+from atheris_runner import run
 
 with atheris.instrument_imports(include=["pydicom", "dicom_node"]):
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -150,49 +144,18 @@ def seeds() -> dict[str, bytes]:
     }
 
 
-def write_seeds(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in seeds().items():
-        (folder / f"{name}.dcm").write_bytes(data)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=60, help="stop after this long (default 60)")
-    parser.add_argument("--runs", type=int, default=-1, help="stop after this many inputs")
-    parser.add_argument("--work", type=Path, help="where new interesting inputs go (default: temp)")
-    parser.add_argument(
-        "--artifacts", type=Path, default=Path(tempfile.gettempdir()) / "fuzz_part10"
+    run(
+        "fuzz_part10",
+        __doc__,
+        seed_folder=SEEDS,
+        one_input=one_input,
+        seeds=seeds,
+        seed_suffix=".dcm",
+        rss_limit_mb=512,
+        max_len=65536,
+        quiet_loggers=("pydicom", "dicom_node"),
     )
-    parser.add_argument("--timeout", type=int, default=5, help="seconds one input may take")
-    parser.add_argument("--rss-limit-mb", type=int, default=512)
-    parser.add_argument("--max-len", type=int, default=65536, help="largest input (bytes)")
-    parser.add_argument("--write-seeds", action="store_true", help=f"(re)write {SEEDS} and exit")
-    args = parser.parse_args()
-    if args.write_seeds:
-        write_seeds(SEEDS)
-        return
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    logging.getLogger("dicom_node").setLevel(logging.CRITICAL)
-    warnings.simplefilter("ignore")  # pydicom warns on every invalid value the mutator makes
-    work = args.work or Path(tempfile.mkdtemp(prefix="fuzz_part10_corpus_"))
-    work.mkdir(parents=True, exist_ok=True)
-    args.artifacts.mkdir(parents=True, exist_ok=True)
-    libfuzzer = [
-        sys.argv[0],
-        str(work),
-        str(SEEDS),
-        f"-max_total_time={args.seconds}",
-        f"-runs={args.runs}",
-        f"-timeout={args.timeout}",
-        f"-rss_limit_mb={args.rss_limit_mb}",
-        f"-max_len={args.max_len}",
-        f"-artifact_prefix={args.artifacts}/",
-        "-print_final_stats=1",
-    ]
-    print(f"corpus: {work} (seeds {SEEDS}); crash artifacts: {args.artifacts}", flush=True)
-    atheris.Setup(libfuzzer, one_input)
-    atheris.Fuzz()
 
 
 if __name__ == "__main__":

@@ -19,22 +19,17 @@ Usage::
     .venv/bin/python scripts/fuzz_pdu.py --seconds 60            # needs the dev extra (atheris)
     .venv/bin/python scripts/fuzz_pdu.py --runs 10000 --work /tmp/pdu-corpus
 
-The seed corpus lives in ``tests/fuzz_corpus/pdu`` (written by ``--write-seeds``); inputs the
-fuzzer finds interesting go to ``--work`` (a temporary folder unless given), crash inputs to
-``--artifacts``.
+Seeds: ``tests/fuzz_corpus/pdu``; the options are :mod:`atheris_runner`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import struct
-import sys
-import tempfile
-import warnings
 from pathlib import Path
 from typing import cast
 
 import atheris
+from atheris_runner import run
 
 with atheris.instrument_imports(include=["pynetdicom", "pydicom", "dicom_node"]):
     from pynetdicom import _config
@@ -149,50 +144,18 @@ def seeds() -> dict[str, bytes]:
     }
 
 
-def write_seeds(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in seeds().items():
-        (folder / name).write_bytes(data)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=60, help="stop after this long (default 60)")
-    parser.add_argument("--runs", type=int, default=-1, help="stop after this many inputs")
-    parser.add_argument("--work", type=Path, help="where new interesting inputs go (default: temp)")
-    parser.add_argument("--artifacts", type=Path, default=Path(tempfile.gettempdir()) / "fuzz_pdu")
-    parser.add_argument("--timeout", type=int, default=5, help="seconds one input may take")
-    parser.add_argument("--rss-limit-mb", type=int, default=1024)
-    parser.add_argument("--max-len", type=int, default=16384, help="largest input (bytes)")
-    parser.add_argument("--write-seeds", action="store_true", help=f"(re)write {SEEDS} and exit")
-    args = parser.parse_args()
-    if args.write_seeds:
-        write_seeds(SEEDS)
-        return
-    _config.LOG_HANDLER_LEVEL = "none"
-    import logging
-
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    warnings.simplefilter("ignore")  # pydicom warns on every invalid UID the mutator makes
-    work = args.work or Path(tempfile.mkdtemp(prefix="fuzz_pdu_corpus_"))
-    work.mkdir(parents=True, exist_ok=True)
-    args.artifacts.mkdir(parents=True, exist_ok=True)
-    libfuzzer = [
-        sys.argv[0],
-        str(work),
-        str(SEEDS),
-        f"-max_total_time={args.seconds}",
-        f"-runs={args.runs}",
-        f"-timeout={args.timeout}",
-        f"-rss_limit_mb={args.rss_limit_mb}",
-        f"-max_len={args.max_len}",
-        f"-artifact_prefix={args.artifacts}/",
-        "-print_final_stats=1",
-    ]
-    print(f"corpus: {work} (seeds {SEEDS}); crash artifacts: {args.artifacts}", flush=True)
-    atheris.Setup(libfuzzer, one_input)
-    atheris.Fuzz()
+    _config.LOG_HANDLER_LEVEL = "none"  # no per-association event handlers
+    run(
+        "fuzz_pdu",
+        __doc__,
+        seed_folder=SEEDS,
+        one_input=one_input,
+        seeds=seeds,
+        rss_limit_mb=1024,
+        max_len=16384,
+        quiet_loggers=("pynetdicom", "pydicom"),
+    )
 
 
 if __name__ == "__main__":

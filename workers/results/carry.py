@@ -36,19 +36,25 @@ from pydicom.sequence import Sequence as DicomSequence
 KEPT_AS_STORED = frozenset({"PatientID", "StudyInstanceUID"})
 """Identity keys a PACS matches on: copied as stored (see the module doc)."""
 
+TYPE2_FROM_SOURCE = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+"""Type 2 attributes of the Patient, General Study and Patient Study modules (PS3.3 C.7.1.1,
+C.7.2.1, C.7.2.2) that the SEG and SR encoders copy from the first source image."""
+
 # Type 2 attributes of the Patient and Study modules highdicom reads or copies (PS3.3 C.7.1.1,
 # C.7.2.1, C.7.2.2, C.7.1.3, C.7.2.3); used when the module tables are unavailable.
 _TYPE2_DEFAULT = frozenset(
     {
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "StudyID",
-        "AccessionNumber",
+        *TYPE2_FROM_SOURCE,
         "ClinicalTrialProtocolName",
         "ClinicalTrialSiteID",
         "ClinicalTrialSiteName",

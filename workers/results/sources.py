@@ -20,22 +20,9 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import JobError
 from workers.findings import DetectionResult
-from workers.results.carry import carry_safely
+from workers.results.carry import TYPE2_FROM_SOURCE, carry_safely
 from workers.volume import Volume
 
-# Type 2 attributes of the Patient, General Study and Patient Study modules that the SEG and
-# SR encoders copy from the first source image.
-_TYPE2_FROM_SOURCE = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 DEIDENTIFICATION_UNKNOWN = "Not stated in the source images"
 
 LOGGER = logging.getLogger(__name__)
@@ -64,7 +51,7 @@ def _repaired(header: Dataset, changed: set[str]) -> Dataset:
         if keyword in ds:
             delattr(ds, keyword)
     changed.update(carry_safely(ds))
-    for keyword in _TYPE2_FROM_SOURCE:
+    for keyword in TYPE2_FROM_SOURCE:
         if keyword not in ds:
             setattr(ds, keyword, "")
     if (

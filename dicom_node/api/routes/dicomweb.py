@@ -150,6 +150,17 @@ async def _store(request: Request, user: str, study: str | None) -> Response:
         study_instance_uid=study,
         on_stored=on_stored,
     )
+
+    async def finish() -> stow.StowResult:
+        """Close the session, audit each study it created and count its parts in /metrics."""
+        result = await run_in_threadpool(session.close)
+        for study_key in new_studies:
+            audit.record(
+                backend.db, audit.STUDY_RECEIVED, actor=actor, study_key=study_key, via="stow-rs"
+            )
+        _count(result)
+        return result
+
     buffer = bytearray()
     try:
         async for chunk in request.stream():
@@ -160,7 +171,9 @@ async def _store(request: Request, user: str, study: str | None) -> Response:
         if buffer:
             await run_in_threadpool(session.feed, bytes(buffer))
     except ClientDisconnect:
-        result = await run_in_threadpool(session.close)
+        # What was stored before the client went away is received like any other instance:
+        # audited and counted.
+        result = await finish()
         LOGGER.warning(
             "STOW-RS client went away mid-request: %(stored)d stored before, %(failed)d failed",
             stow.summary(result),
@@ -171,13 +184,7 @@ async def _store(request: Request, user: str, study: str | None) -> Response:
         # discarded. LimitBody answers 413 / 408 and closes the connection.
         if buffer:  # bytes within the limit not yet parsed: they may complete a part
             await run_in_threadpool(session.feed, bytes(buffer))
-        result = await run_in_threadpool(session.close)
-        for study_key in new_studies:
-            audit.record(
-                backend.db, audit.STUDY_RECEIVED, actor=actor, study_key=study_key, via="stow-rs"
-            )
-        _count(result)
-        counts = stow.summary(result)
+        counts = stow.summary(await finish())
         LOGGER.warning(
             "STOW-RS body refused (%s): %d stored before, %d failed",
             "too large" if isinstance(exc, BodyTooLarge) else "client too slow",
@@ -185,13 +192,7 @@ async def _store(request: Request, user: str, study: str | None) -> Response:
             counts["failed"],
         )
         raise
-    result = await run_in_threadpool(session.close)
-
-    for study_key in new_studies:
-        audit.record(
-            backend.db, audit.STUDY_RECEIVED, actor=actor, study_key=study_key, via="stow-rs"
-        )
-    _count(result)
+    result = await finish()
     counts = stow.summary(result)
     status = stow.http_status(result)
     LOGGER.info(

@@ -138,6 +138,10 @@ def job_preview(settings: Settings, db: Database, job_id: str) -> Preview | None
         )
     except PreviewUnavailable as exc:
         return placeholder(str(exc))
+    except Exception as exc:
+        # A header value no check foresaw: a placeholder naming the type, never the value.
+        LOGGER.warning("preview cannot be drawn (%s)", type(exc).__name__)
+        return placeholder(f"the preview cannot be drawn ({type(exc).__name__})")
     _store(cache_dir, job_key, cached, preview.png)
     return preview
 
@@ -208,7 +212,13 @@ def order_frames(paths: list[Path], *, limit: int = DEFAULT_MAX_DECODED_BYTES) -
             continue
         if _is_localizer(ds.get("ImageType")):
             continue
-        frames.extend(_frames_of(ds, path))
+        try:
+            frames.extend(_frames_of(ds, path))
+        except Exception as exc:
+            # Malformed position/orientation values (real archives hold them): this image
+            # cannot be placed in the series, so it is left out like a localizer.
+            LOGGER.info("preview: an image's geometry cannot be read (%s)", type(exc).__name__)
+            continue
     if missing and not frames:
         raise PreviewUnavailable("the source instances are no longer in the spool")
     if missing:
@@ -314,7 +324,11 @@ def _decode(frame: _Frame, limit: int) -> tuple[np.ndarray, str]:
         return pixels[..., :3].astype(np.float32), "RGB"
     if pixels.ndim != 2:
         raise PreviewUnavailable("only single-sample or RGB images can be previewed")
-    slope, intercept = _rescale(ds, frame.frame)
+    try:
+        slope, intercept = _rescale(ds, frame.frame)
+    except Exception as exc:  # a malformed slope/intercept: show stored values unscaled
+        LOGGER.info("preview: rescale values cannot be read (%s)", type(exc).__name__)
+        slope, intercept = 1.0, 0.0
     image = pixels.astype(np.float32) * slope + intercept
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         image = image.max() + image.min() - image

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -271,8 +271,15 @@ def test_fuzz_wado_metadata_never_raises(env: Any, data: bytes) -> None:
         spool.discard(temp)
 
 
+FOUND = Path(__file__).parent / "fuzz_corpus" / "part10"
+"""Inputs the suite's fuzzing once found (malformed position/orientation values that reached
+``float()`` in the preview), kept as fixed examples."""
+
+
 @FUZZ
 @given(data=HOSTILE)
+@example(data=(FOUND / "found-preview-geometry-1.dcm").read_bytes())
+@example(data=(FOUND / "found-preview-geometry-2.dcm").read_bytes())
 def test_fuzz_preview_refuses_with_its_own_error(env: Any, data: bytes) -> None:
     _, _, spool, _ = env
     temp = spool.write_temp(data)

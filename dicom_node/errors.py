@@ -23,6 +23,8 @@ names, IDs or UIDs. Every class is picklable (Celery may carry them between proc
 
 from __future__ import annotations
 
+from dicom_node.dimse_status import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
+
 
 class DicomNodeError(Exception):
     """Root of the node's operational errors."""
@@ -38,7 +40,7 @@ class ConfigError(DicomNodeError):
 class IngestError(DicomNodeError):
     """An incoming instance is refused; ``status`` is the DIMSE status to return."""
 
-    status = 0xC000
+    status = STATUS_CANNOT_UNDERSTAND
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -52,13 +54,13 @@ class IngestError(DicomNodeError):
 class InvalidInstanceError(IngestError):
     """The dataset cannot be understood (C000 family) or disagrees with the command (A900)."""
 
-    status = 0xC000
+    status = STATUS_CANNOT_UNDERSTAND
 
 
 class StorageError(IngestError):
     """The instance cannot be stored now: out of resources (A700). Transient for the sender."""
 
-    status = 0xA700
+    status = STATUS_OUT_OF_RESOURCES
     transient = True
 
 

@@ -35,6 +35,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from dicom_node.dimse_status import category
+
 LOGGER = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -166,11 +168,7 @@ def _receiver_metrics() -> _ReceiverMetrics:
 
 def status_outcome(status: int) -> str:
     """The category of a C-STORE status (PS3.4 Annex B.2.3): success, warning or failure."""
-    if status == 0x0000:
-        return "success"
-    if status in (0xB000, 0xB006, 0xB007) or 0xB000 <= status <= 0xBFFF:
-        return "warning"
-    return "failure"
+    return category(status).value
 
 
 @cache

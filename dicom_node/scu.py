@@ -2,7 +2,7 @@
 
 Files are sent as they are (no decoding, no transcoding), one presentation context per
 (SOP class, transfer syntax) pair, many files per association, TCP_NODELAY on (without it a
-DCMTK-based peer stalls ~40 ms per instance, ``research/performance.md`` §2.1). Every status is
+DCMTK-based peer stalls ~40 ms per instance on its delayed-ACK timer). Every status is
 inspected: pynetdicom returns an empty status on timeout or abort, which counts as failure.
 """
 
@@ -24,17 +24,19 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
     Verification,
 )
 
+from dicom_node.dimse_status import (
+    STATUS_NO_RESPONSE,
+    STATUS_NOT_SENT,
+    STATUS_PENDING,
+    STATUS_PENDING_WARNING,
+    category,
+)
 from dicom_node.settings import DEFAULT_MAX_PDU
 
 LOGGER = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 127
 """PS3.8 allows 128 presentation contexts per association; keep one spare."""
-
-STATUS_NO_RESPONSE = -1
-"""Our marker for "no status received" (timeout, abort, association lost)."""
-STATUS_NOT_SENT = -2
-"""Our marker for "never sent" (could not associate, or the peer refused the context)."""
 
 # Why an instance got STATUS_NOT_SENT / STATUS_NO_RESPONSE (``SendOutcome.stage``), so that
 # callers such as write-back can tell a refused connection from a refused SOP class.
@@ -88,51 +90,8 @@ class SendOutcome:
 
     @property
     def category(self) -> str:
-        return status_category(self.status)
-
-
-def status_category(status: int) -> str:
-    """success | warning | failure (PS3.4 B.2.3 / PS3.7 C)."""
-    if status == 0x0000:
-        return "success"
-    if status in (0x0001, 0x0107, 0x0116) or (status & 0xF000) == 0xB000:
-        return "warning"
-    return "failure"
-
-
-def describe_status(status: int) -> str:
-    if status == STATUS_NO_RESPONSE:
-        return "no response (timeout or abort)"
-    if status == STATUS_NOT_SENT:
-        return "not sent"
-    names = {
-        0x0000: "Success",
-        0x0110: "Processing failure",
-        0x0111: "Duplicate SOP instance",
-        0x0122: "SOP class not supported",
-        0x0124: "Not authorised",
-        0xA700: "Out of resources",
-        0xA900: "Data set does not match SOP class",
-        0xB000: "Coercion of data elements",
-        0xB006: "Elements discarded",
-        0xB007: "Data set does not match SOP class (stored)",
-        0xC000: "Cannot understand",
-        0xC001: "Cannot understand: required UID missing",
-        0xC002: "Cannot understand: invalid UID",
-        0xC210: "Cannot decode dataset",
-        0xC211: "Error in the receiver's handler",
-    }
-    name = names.get(status)
-    if name is None:
-        if status & 0xF000 == 0xC000:
-            name = "Cannot understand"
-        elif status & 0xFF00 == 0xA700:
-            name = "Out of resources"
-        elif status & 0xFF00 == 0xA900:
-            name = "Data set does not match SOP class"
-        else:
-            name = "Status"
-    return f"0x{status:04X} {name}"
+        """success | warning | failure (:func:`dicom_node.dimse_status.category`)."""
+        return category(self.status).value
 
 
 def collect_files(paths: Iterable[Path]) -> tuple[list[DicomFile], list[Path]]:
@@ -379,7 +338,7 @@ def find(
             if status is None or "Status" not in status:
                 return FindOutcome(STATUS_NO_RESPONSE, matches, NO_RESPONSE, STAGE_RESPONSE)
             code = int(status.Status)
-            if code in (0xFF00, 0xFF01):
+            if code in (STATUS_PENDING, STATUS_PENDING_WARNING):
                 if match is not None:
                     matches.append(match)
                 continue

@@ -7,6 +7,8 @@ pynetdicom writes into.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +31,9 @@ PE_PREAMBLE = (b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00\xff\xff" + b"PE\x00\
 
 @pytest.fixture
 def ingestor(make_settings: Callable[..., Any], database_url: str) -> Iterator[Ingestor]:
-    settings = make_settings(database_url=database_url, scp={"min_free_bytes": 0, "max_instance_bytes": 4 * 2**20})
+    settings = make_settings(
+        database_url=database_url, scp={"min_free_bytes": 0, "max_instance_bytes": 4 * 2**20}
+    )
     db = open_database(settings.resolved_database_url)
     spool = Spool(settings.spool_dir, fsync=True)
     spool.prepare()
@@ -102,10 +106,15 @@ def test_deflate_bomb_is_refused_before_it_is_inflated(ingestor: Ingestor, tmp_p
     result = ingestor.ingest_bytes(bytearray(path.read_bytes()), calling_ae_title=None)
     assert result.status == 0xA700
     assert "inflates beyond" in (result.reason or "")
-    assert spool_files(ingestor.settings.data_dir) == [] and temp_files(ingestor.settings.data_dir) == []
+    assert (
+        spool_files(ingestor.settings.data_dir) == []
+        and temp_files(ingestor.settings.data_dir) == []
+    )
 
 
-def test_index_failure_is_a700_and_revokes_the_placed_file(ingestor: Ingestor, tmp_path: Path) -> None:
+def test_index_failure_is_a700_and_revokes_the_placed_file(
+    ingestor: Ingestor, tmp_path: Path
+) -> None:
     """A state database that fails mid-store (here: its table is gone) must not leave a file
     the index does not know (dcm4chee revokes storage the same way)."""
     paths = ct_series(tmp_path / "s", slices=2, size=32)
@@ -163,7 +172,9 @@ def test_sink_records_write_errors_instead_of_raising(tmp_path: Path) -> None:
     assert sink.buffer == bytearray()
 
 
-def test_sink_caps_the_size_and_drops_what_it_had(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sink_caps_the_size_and_drops_what_it_had(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(IncomingDataset, "max_bytes", SPILL_BYTES + 10)
     sink = IncomingDataset(str(tmp_path))
     sink.write(b"a" * (SPILL_BYTES + 5))
@@ -175,7 +186,9 @@ def test_sink_caps_the_size_and_drops_what_it_had(tmp_path: Path, monkeypatch: p
     sink.close()
 
 
-@pytest.mark.parametrize("sop", ["1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.16", "1.2.3", "1.22", "2.25." + "9" * 59])
+@pytest.mark.parametrize(
+    "sop", ["1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.16", "1.2.3", "1.22", "2.25." + "9" * 59]
+)
 def test_fast_file_meta_is_byte_identical_to_pydicoms(sop: str) -> None:
     import io
 
@@ -184,7 +197,11 @@ def test_fast_file_meta_is_byte_identical_to_pydicoms(sop: str) -> None:
 
     from dicom_node.scp.incoming import _create_file_meta, encode_file_meta
 
-    kw = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "sop_instance_uid": sop, "transfer_syntax": "1.2.840.10008.1.2.4.90"}
+    kw = {
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "sop_instance_uid": sop,
+        "transfer_syntax": "1.2.840.10008.1.2.4.90",
+    }
     expected = io.BytesIO()
     write_file_meta_info(expected, create_file_meta(**kw))
     assert encode_file_meta(_create_file_meta(**kw)) == expected.getvalue()
@@ -198,3 +215,46 @@ def test_spool_refuses_paths_outside_itself(tmp_path: Path, relative: str) -> No
     with pytest.raises(ValueError):
         Spool.relative_path("ABC", "12")  # keys are lowercase hex, nothing else
     assert spool.path("ab/cd.dcm") == tmp_path / "spool" / "ab" / "cd.dcm"
+
+
+def test_sqlite_fast_path_stores_what_the_core_path_stores(
+    make_settings: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The first instance of a series goes through SQLAlchemy Core (new study and series); the
+    next ones through the DB-API fast path. Both must leave the same kind of values: the same
+    timestamp text, booleans as integers, counts and sizes added up."""
+    import sqlite3
+
+    settings = make_settings(scp={"min_free_bytes": 0, "fsync": False})
+    db = open_database(settings.resolved_database_url)
+    spool = Spool(settings.spool_dir, fsync=False)
+    spool.prepare()
+    try:
+        ingestor = Ingestor(settings, db, spool)
+        paths = ct_series(tmp_path / "s", slices=3, size=32)
+        for path in paths:
+            result = ingestor.ingest_bytes(bytearray(path.read_bytes()), calling_ae_title="CT\x00A")
+            assert result.ok, result
+        database = db.engine.url.database
+    finally:
+        db.dispose()
+    assert database
+    with contextlib.closing(sqlite3.connect(database)) as con:
+        rows = con.execute(
+            "SELECT received_at, typeof(received_at), calling_ae_title, size, source, sha256"
+            " FROM instances ORDER BY id"
+        ).fetchall()
+        (study,) = con.execute(
+            "SELECT instance_count, total_bytes, last_received_at, dirty, typeof(dirty)"
+            " FROM studies"
+        ).fetchall()
+        (series,) = con.execute("SELECT instance_count, modality FROM series").fetchall()
+    assert len(rows) == 3
+    for received_at, kind, calling, size, source, sha in rows:
+        assert kind == "text" and re.fullmatch(
+            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", received_at
+        )
+        assert (calling, source, len(sha)) == ("CTA", "dimse", 64)
+        assert size > 0
+    assert study == (3, sum(r[3] for r in rows), rows[-1][0], 1, "integer")
+    assert series == (3, "CT")

@@ -20,7 +20,9 @@ def register(app: typer.Typer) -> None:
         """Verify DICOM connectivity with C-ECHO. Exit code 0 on success, 1 on a failure
         status, 3 when the peer cannot be reached or refuses the association."""
         from dicom_node.cli import EXIT_FAILED, EXIT_UNREACHABLE, state
-        from dicom_node.scu import Peer, describe_status
+        from dicom_node.dimse_status import STATUS_SUCCESS
+        from dicom_node.dimse_status import describe as describe_status
+        from dicom_node.scu import Peer
         from dicom_node.scu import echo as do_echo
 
         settings = state(ctx).settings()
@@ -39,5 +41,5 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_UNREACHABLE) from None
         took = (time.monotonic() - started) * 1000
         typer.echo(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: {describe_status(status)} ({took:.0f} ms)")
-        if status != 0:
+        if status != STATUS_SUCCESS:
             raise typer.Exit(EXIT_FAILED)

@@ -52,14 +52,9 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from dicom_node.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, state
-        from dicom_node.scu import (
-            STATUS_NOT_SENT,
-            Peer,
-            SendOutcome,
-            collect_files,
-            describe_status,
-            send_files,
-        )
+        from dicom_node.dimse_status import STATUS_NOT_SENT
+        from dicom_node.dimse_status import describe as describe_status
+        from dicom_node.scu import Peer, SendOutcome, collect_files, send_files
 
         settings = state(ctx).settings()
         target_host = host or ("127.0.0.1" if settings.bind in ("0.0.0.0", "::") else settings.bind)

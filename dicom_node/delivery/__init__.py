@@ -22,8 +22,8 @@ from dicom_node.delivery.destinations import (
 )
 from dicom_node.delivery.objects import IDENTITY_KEYWORDS, StoredObject, load_objects
 from dicom_node.delivery.report import DeliveryReport, InstanceOutcome
-from dicom_node.delivery.status import Verdict, classify_http, classify_status
 from dicom_node.delivery.writeback import deliver, deliver_with_retry, echo_destination
+from dicom_node.dimse_status import Verdict, classify_http, classify_status
 from dicom_node.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 
 __all__ = [

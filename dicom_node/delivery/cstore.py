@@ -9,7 +9,7 @@ import ssl
 from dicom_node.delivery.destinations import CStoreDestination
 from dicom_node.delivery.objects import StoredObject
 from dicom_node.delivery.report import InstanceOutcome
-from dicom_node.delivery.status import Verdict, classify_status, describe_reason
+from dicom_node.dimse_status import Verdict, classify_status, describe
 from dicom_node.scu import (
     STAGE_ASSOCIATE,
     STAGE_CONTEXT,
@@ -51,7 +51,7 @@ def classify_send(outcome: SendOutcome) -> tuple[Verdict, str]:
     """The verdict and a patient-free description of one :class:`SendOutcome`."""
     if not outcome.stage:
         verdict = classify_status(outcome.status)
-        return verdict, describe_reason(outcome.status)
+        return verdict, describe(outcome.status)
     if outcome.stage == STAGE_ASSOCIATE:
         if outcome.rejection is not None:
             _, source, reason = outcome.rejection

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dicom_node.delivery.status import Verdict
+from dicom_node.dimse_status import Verdict
 from dicom_node.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 
 DELIVERED = frozenset({Verdict.STORED, Verdict.WARNING, Verdict.DUPLICATE})

@@ -22,12 +22,12 @@ from pydicom.dataset import Dataset
 from dicom_node.delivery.destinations import StowDestination
 from dicom_node.delivery.objects import StoredObject
 from dicom_node.delivery.report import InstanceOutcome
-from dicom_node.delivery.status import (
+from dicom_node.dimse_status import (
     HTTP_HINTS,
     Verdict,
     classify_http,
     classify_status,
-    describe_reason,
+    describe,
 )
 from dicom_node.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 
@@ -234,7 +234,7 @@ def _outcomes_for(
                         obj.sop_instance_uid,
                         Verdict.WARNING,
                         reason,
-                        f"stored with warning {describe_reason(reason)}",
+                        f"stored with warning {describe(reason)}",
                     )
                 )
         elif state == "failed":
@@ -245,7 +245,7 @@ def _outcomes_for(
                 verdict = classify_status(reason)
                 if verdict in (Verdict.STORED, Verdict.WARNING):  # a "failure" with a success code
                     verdict = Verdict.PERMANENT
-                detail = f"HTTP {code}, failure reason {describe_reason(reason)}"
+                detail = f"HTTP {code}, failure reason {describe(reason)}"
             outcomes.append(
                 InstanceOutcome(obj.path, obj.sop_instance_uid, verdict, reason, detail)
             )

@@ -34,7 +34,13 @@ from dicom_node.delivery.objects import (
     ownership_problem,
 )
 from dicom_node.delivery.report import InstanceOutcome
-from dicom_node.delivery.status import Verdict, classify_http, classify_status, describe_reason
+from dicom_node.dimse_status import (
+    STATUS_SUCCESS,
+    Verdict,
+    classify_http,
+    classify_status,
+    describe,
+)
 from dicom_node.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from dicom_node.scu import STAGE_ASSOCIATE, STAGE_CONTEXT, FindOutcome, find
 
@@ -178,7 +184,7 @@ def _find_error(dest: CStoreDestination, result: FindOutcome) -> DeliveryError:
             "also abort like this)"
         )
     verdict = classify_status(result.status)
-    message = f"{where}: C-FIND failed with {describe_reason(result.status)}"
+    message = f"{where}: C-FIND failed with {describe(result.status)}"
     if verdict is Verdict.TRANSIENT:
         return TransientDeliveryError(message, result.status)
     return PermanentDeliveryError(message, result.status)
@@ -193,7 +199,7 @@ def _c_find(dest: CStoreDestination, study: str, series: str, sop: str = "") -> 
     query.SeriesInstanceUID = series
     query.SOPInstanceUID = sop
     result = find(dest.peer(), query)
-    if result.stage or result.status != 0x0000:
+    if result.stage or result.status != STATUS_SUCCESS:
         raise _find_error(dest, result)
     return result.matches
 

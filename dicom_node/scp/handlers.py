@@ -11,7 +11,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from dicom_node import audit
-from dicom_node.ingest import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
+from dicom_node.dimse_status import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from dicom_node.scp.incoming import IncomingDataset
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def handle_store(event: Event, receiver: Receiver) -> int:
                 why = f"instance larger than the size cap of {sink.max_bytes} bytes"
             else:
                 why = f"cannot write received instance: {sink.error.strerror if sink.error else ''}"
-            LOGGER.error("instance refused (status 0xA700): %s", why)
+            LOGGER.error("instance refused (status 0x%04X): %s", STATUS_OUT_OF_RESOURCES, why)
             sink.discard()
             receiver.observe_status(STATUS_OUT_OF_RESOURCES, 0)
             return STATUS_OUT_OF_RESOURCES

@@ -10,7 +10,7 @@ pynetdicom 3.0 runs two polling loops per association:
 
 With synchronous C-STORE (one request in flight per association, which is what modalities and
 ``storescu`` do) these waits add up to ~1.5 ms per instance on a ~4 ms budget
-(``research/performance.md`` §2.3: capping the sleeps cut one-association wall time by 9-14 %).
+(capping the sleeps cut one-association ``storescu`` wall time over loopback by 9-14 %).
 
 :class:`NodeAssociation` waits on the message queue's condition (woken at once by the DUL
 thread's ``put``) instead of sleeping; :class:`NodeDUL` waits in ``select`` on the socket and a
@@ -416,7 +416,7 @@ class NodeAssociationSocket(AssociationSocket):
 
     ``recv_into`` instead of 4 KiB ``recv`` calls: a 128 KiB P-DATA PDU took 32 ``recv`` calls
     and as many ``bytearray.extend`` copies (~0.3 ms of CPU per 512 KB instance,
-    ``research/performance.md`` §3). The buffer never runs more than :data:`wire.READ_CHUNK`
+    measured over loopback). The buffer never runs more than :data:`wire.READ_CHUNK`
     ahead of the bytes that really arrived.
     """
 

@@ -1,7 +1,7 @@
 """The storage SCP: an AE with our contexts, timeouts and handlers, behind a tuned socket server.
 
 Several receiver processes share one port (SO_REUSEPORT): pynetdicom's cost is Python CPU per
-message, and only processes, not threads, spread that over cores (``research/performance.md``).
+message, and only processes, not threads, spread that over cores (the GIL runs one at a time).
 Each process caps its open connections (:mod:`dicom_node.scp.gate`) before a thread exists.
 """
 

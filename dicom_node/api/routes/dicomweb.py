@@ -22,7 +22,8 @@ from starlette.requests import ClientDisconnect
 from dicom_node import audit, metrics
 from dicom_node.api.deps import DatabaseDep, User
 from dicom_node.api.limits import BodyTimeout, BodyTooLarge
-from dicom_node.dicomweb import qido, stow, wado
+from dicom_node.dicomweb import qido, wado
+from dicom_node.dicomweb import stow_receiver as stow
 from dicom_node.dicomweb.media import (
     DICOM,
     DICOM_JSON,

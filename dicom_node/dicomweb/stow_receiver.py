@@ -1,4 +1,5 @@
-"""STOW-RS (PS3.18 10.5): a ``multipart/related`` body, streamed part by part into the ingest path.
+"""STOW-RS received (PS3.18 10.5): a ``multipart/related`` body, streamed part by part into the
+ingest path. (Sending results to a PACS by STOW-RS is :mod:`dicom_node.delivery.stow`.)
 
 Each body part is written to a temporary file in the spool (never held in memory whole), capped
 at ``scp.max_instance_bytes``, made a PS3.10 file when it lacks file meta, and handed to
@@ -29,14 +30,14 @@ from python_multipart.multipart import MultipartParseError, MultipartParser
 from dicom_node.dataset_io import check_part10, open_part10
 from dicom_node.dicomweb.media import DICOM, parse_media_type
 from dicom_node.dicomweb.part10 import ensure_part10
-from dicom_node.errors import StorageError
-from dicom_node.ingest import (
+from dicom_node.dimse_status import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
-    Ingestor,
-    IngestResult,
+    is_cannot_understand,
 )
+from dicom_node.errors import StorageError
+from dicom_node.ingest import Ingestor, IngestResult
 from dicom_node.spool import Spool
 from dicom_node.uids import uid_problem
 
@@ -390,7 +391,7 @@ def http_status(result: StowResult) -> int:
     if not failed:
         return 400  # nothing in the body: no parts, or a malformed body
     codes = {p.status for p in failed}
-    if all((c & 0xF000) == 0xC000 for c in codes):
+    if all(is_cannot_understand(c) for c in codes):
         return 400  # none could be understood
     if codes == {STATUS_OUT_OF_RESOURCES}:
         # 413 when every instance was over the size cap; 503 ("busy", retry later) when the

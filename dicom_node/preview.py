@@ -1,10 +1,11 @@
 """Job previews: the key slice of a job's input as a PNG, with the detections' boxes drawn.
 
 Rendered on the edge with pydicom, numpy and Pillow only (no torch, highdicom or ``workers``),
-from the spooled source instances. The slice is chosen the way the worker's volume loader
-numbers them (``workers.volume``: slices sorted by position along the slice normal, localizers
-and stray orientations left out), so a finding's ``key_slice`` and ``bbox_2d`` from the job
-summary land on the image the model saw.
+from the spooled source instances. The slices are numbered by the same function the worker's
+volume loader numbers them with (:func:`dicom_node.geometry.order_slices`: sorted by position
+along the slice normal; localizers, non-image objects, unreadable planes and stray orientations
+left out), so a finding's ``key_slice`` and ``bbox_2d`` from the job summary land on the image
+the model saw.
 
 When the preview cannot be drawn (inputs no longer spooled, a compressed transfer syntax no
 installed pydicom plug-in decodes, a job without image input), a placeholder image says why.
@@ -20,7 +21,6 @@ import json
 import logging
 import math
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +28,22 @@ from typing import Any
 import numpy as np
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dicom_node.dataset_io import (
-    DEFAULT_MAX_DECODED_BYTES,
-    check_pixels,
-    frame_count,
-    open_part10,
-)
+from dicom_node.dataset_io import DEFAULT_MAX_DECODED_BYTES, check_pixels, open_part10
 from dicom_node.errors import IngestError
+from dicom_node.geometry import (
+    NO_GEOMETRY,
+    GeometryError,
+    SliceGeometry,
+    order_slices,
+    pixel_rescale,
+)
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
 from dicom_node.state import Database, Instance, Job, Series, Study
 
 LOGGER = logging.getLogger(__name__)
 
-PREVIEW_VERSION = 1
+PREVIEW_VERSION = 2
 """Bump when the rendering changes, so cached previews are drawn again."""
 
 LUNG_WINDOW = (1500.0, -600.0)
@@ -55,9 +57,6 @@ BOX_COLOUR = (255, 48, 48)
 TEXT_COLOUR = (255, 220, 80)
 PLACEHOLDER_BACKGROUND = (64, 64, 64)
 PLACEHOLDER_TEXT = (230, 230, 230)
-
-_LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SURVIEW"})
-_NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "REG", "DOC"})
 
 
 @dataclass(frozen=True)
@@ -76,12 +75,19 @@ class PreviewUnavailable(Exception):
 
 
 @dataclass(frozen=True)
-class _Frame:
+class PreviewFrame:
+    """Slice ``k`` of a job's input: the file it is in, and its plane."""
+
     path: Path
-    frame: int | None
-    """0-based frame index for multi-frame instances, None for single-frame."""
+    geometry: SliceGeometry
     offset: float
-    sop_instance_uid: str
+    """Position along the slice normal, mm."""
+
+    @property
+    def frame_index(self) -> int | None:
+        """0-based frame index for multi-frame instances, None for single-frame."""
+        number = self.geometry.frame_number
+        return None if number is None else number - 1
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -190,15 +196,21 @@ def render_preview(
     return Preview(buf.getvalue(), slice_index=index, boxes=len(boxes))
 
 
-def order_frames(paths: list[Path], *, limit: int = DEFAULT_MAX_DECODED_BYTES) -> list[_Frame]:
-    """Image frames of one series in the worker's slice order (position along the normal)."""
-    frames: list[tuple[_Frame, tuple[float, ...]]] = []
+def order_frames(
+    paths: list[Path], *, limit: int = DEFAULT_MAX_DECODED_BYTES
+) -> list[PreviewFrame]:
+    """Image frames of one series in the worker's slice order: index k here is ``key_slice`` k.
+
+    The order comes from :func:`dicom_node.geometry.order_slices`, the function the worker's
+    volume loader uses. Raises :class:`PreviewUnavailable` when an instance is no longer in
+    the spool or is refused by the size checks.
+    """
+    headers = []
     missing = 0
     for path in paths:
         try:
             opened = open_part10(path, limit=limit)
             check_pixels(opened, path, limit)
-            ds = opened.dataset
         except FileNotFoundError:
             missing += 1
             continue
@@ -208,88 +220,23 @@ def order_frames(paths: list[Path], *, limit: int = DEFAULT_MAX_DECODED_BYTES) -
             raise PreviewUnavailable(
                 f"a source instance cannot be read ({type(exc).__name__})"
             ) from None
-        if str(ds.get("Modality", "")).upper() in _NON_IMAGE_MODALITIES or "Rows" not in ds:
-            continue
-        if _is_localizer(ds.get("ImageType")):
-            continue
-        try:
-            frames.extend(_frames_of(ds, path))
-        except Exception as exc:
-            # Malformed position/orientation values (real archives hold them): this image
-            # cannot be placed in the series, so it is left out like a localizer.
-            LOGGER.info("preview: an image's geometry cannot be read (%s)", type(exc).__name__)
-            continue
-    if missing and not frames:
+        headers.append((path, opened.dataset))
+    if missing and not headers:
         raise PreviewUnavailable("the source instances are no longer in the spool")
     if missing:
         raise PreviewUnavailable(f"{missing} source instance(s) are no longer in the spool")
-    if not frames:
-        return []
-    # The dominant orientation only (a stray reformat in the series is left out, as the loader does).
-    common = Counter(o for _, o in frames).most_common(1)[0][0]
-    kept = [f for f, o in frames if o == common]
-    kept.sort(key=lambda f: f.offset)
-    out: list[_Frame] = []
-    for f in kept:
-        if (
-            out
-            and abs(f.offset - out[-1].offset) < 1e-3
-            and f.sop_instance_uid == out[-1].sop_instance_uid
-        ):
-            continue  # the same image twice
-        out.append(f)
-    return out
-
-
-def _is_localizer(image_type: Any) -> bool:
-    values = [image_type] if isinstance(image_type, str) else list(image_type or [])
-    return any(str(v).upper() in _LOCALIZER_TYPES for v in values)
-
-
-def _normal(orientation: list[float]) -> np.ndarray:
-    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float)
-    n = np.cross(row, col)
-    norm = np.linalg.norm(n)
-    return n / norm if norm else np.array([0.0, 0.0, 1.0])
-
-
-def _frames_of(ds: Any, path: Path) -> list[tuple[_Frame, tuple[float, ...]]]:
-    uid = str(ds.get("SOPInstanceUID", ""))
-    count = frame_count(ds)  # within 1..MAX_FRAMES, and checked against the pixel data
-    if count <= 1 and "ImagePositionPatient" in ds:
-        iop = [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
-        offset = float(np.asarray([float(v) for v in ds.ImagePositionPatient]) @ _normal(iop))
-        return [(_Frame(path, None, offset, uid), tuple(np.round(iop, 3)))]
-    shared = _first(ds.get("SharedFunctionalGroupsSequence"))
-    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
-    out = []
-    for i in range(count):
-        fg = per_frame[i] if i < len(per_frame) else None
-        ipp = _group_value(fg, shared, "PlanePositionSequence", "ImagePositionPatient")
-        iop = _group_value(fg, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
-        iop = [float(v) for v in iop] if iop is not None else [1, 0, 0, 0, 1, 0]
-        offset = (
-            float(np.asarray([float(v) for v in ipp]) @ _normal(iop))
-            if ipp is not None
-            else float(i)
+    order = order_slices([ds for _, ds in headers])
+    if order.count(NO_GEOMETRY):
+        LOGGER.info(
+            "preview: %d image(s) without a readable plane left out", order.count(NO_GEOMETRY)
         )
-        out.append((_Frame(path, i if count > 1 else None, offset, uid), tuple(np.round(iop, 3))))
-    return out
+    return [
+        PreviewFrame(headers[g.source][0], g, float(off))
+        for g, off in zip(order.slices, order.offsets, strict=True)
+    ]
 
 
-def _first(seq: Any) -> Any:
-    return seq[0] if seq else None
-
-
-def _group_value(per_frame: Any, shared: Any, sequence: str, attr: str) -> Any:
-    for group in (per_frame, shared):
-        item = _first(group.get(sequence)) if group is not None else None
-        if item is not None and attr in item:
-            return item.get(attr)
-    return None
-
-
-def _decode(frame: _Frame, limit: int) -> tuple[np.ndarray, str]:
+def _decode(frame: PreviewFrame, limit: int) -> tuple[np.ndarray, str]:
     """Stored values of one frame, rescaled (HU for CT), and the modality."""
     from pydicom.pixels import pixel_array
 
@@ -308,9 +255,9 @@ def _decode(frame: _Frame, limit: int) -> tuple[np.ndarray, str]:
         if deflated:
             # pydicom would inflate the file whole: read it through the capped inflater.
             full = open_part10(frame.path, limit=limit, stop_before_pixels=False).dataset
-            pixels = pixel_array(full, index=frame.frame)
+            pixels = pixel_array(full, index=frame.frame_index)
         else:
-            pixels = pixel_array(frame.path, index=frame.frame)
+            pixels = pixel_array(frame.path, index=frame.frame_index)
     except IngestError as exc:
         raise PreviewUnavailable(f"the source instance is refused: {exc}") from None
     except Exception as exc:
@@ -325,27 +272,14 @@ def _decode(frame: _Frame, limit: int) -> tuple[np.ndarray, str]:
     if pixels.ndim != 2:
         raise PreviewUnavailable("only single-sample or RGB images can be previewed")
     try:
-        slope, intercept = _rescale(ds, frame.frame)
-    except Exception as exc:  # a malformed slope/intercept: show stored values unscaled
-        LOGGER.info("preview: rescale values cannot be read (%s)", type(exc).__name__)
+        slope, intercept = pixel_rescale(ds, frame.geometry.frame_number)
+    except GeometryError as exc:  # a malformed slope/intercept: show stored values unscaled
+        LOGGER.info("preview: rescale values cannot be read (%s)", exc)
         slope, intercept = 1.0, 0.0
     image = pixels.astype(np.float32) * slope + intercept
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         image = image.max() + image.min() - image
     return image, str(ds.get("Modality", "")).upper()
-
-
-def _rescale(ds: Any, frame: int | None) -> tuple[float, float]:
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    shared = _first(ds.get("SharedFunctionalGroupsSequence"))
-    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
-    fg = per_frame[frame] if frame is not None and frame < len(per_frame) else None
-    slope = _group_value(fg, shared, "PixelValueTransformationSequence", "RescaleSlope")
-    intercept = _group_value(fg, shared, "PixelValueTransformationSequence", "RescaleIntercept")
-    return float(slope if slope is not None else 1), float(
-        intercept if intercept is not None else 0
-    )
 
 
 def _to_rgb(image: np.ndarray, modality: str) -> tuple[Any, float]:

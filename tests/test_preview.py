@@ -46,7 +46,10 @@ def labelled_series(tmp: Path, slices: int = 6) -> list[Path]:
     """A CT series whose k-th slice along the normal has body value level_of(k), with instance
     numbers running the other way and files named in random order."""
     paths = ct_series(tmp, slices=slices, size=SIZE)
-    by_position = sorted(paths, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    by_position = sorted(
+        paths,
+        key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]),
+    )
     for k, path in enumerate(by_position):
         ds = pydicom.dcmread(path)
         ds.InstanceNumber = slices - k  # the other way round: the order must come from positions
@@ -72,7 +75,12 @@ def test_slices_are_ordered_along_the_normal_and_the_key_slice_is_shown(tmp_path
     frames = order_frames(paths)
     assert [f.offset for f in frames] == sorted(f.offset for f in frames)
     for k in (0, 2, 5):
-        finding = {"label": "Nodule", "confidence": 0.8, "key_slice": k, "bbox_2d": [20, 24, 29, 33]}
+        finding = {
+            "label": "Nodule",
+            "confidence": 0.8,
+            "key_slice": k,
+            "bbox_2d": [20, 24, 29, 33],
+        }
         preview = render_preview(paths, [finding])
         rgb = png(preview.png)
         assert rgb.shape == (OUTPUT_SIZE, OUTPUT_SIZE, 3)
@@ -89,7 +97,12 @@ def test_slices_are_ordered_along_the_normal_and_the_key_slice_is_shown(tmp_path
 def test_the_box_outlines_the_finding(tmp_path: Path) -> None:
     paths = labelled_series(tmp_path / "ct")
     c0, r0, c1, r1 = 20, 24, 29, 33
-    rgb = png(render_preview(paths, [{"label": "Nodule", "confidence": 0.8, "key_slice": 2, "bbox_2d": [c0, r0, c1, r1]}]).png)
+    rgb = png(
+        render_preview(
+            paths,
+            [{"label": "Nodule", "confidence": 0.8, "key_slice": 2, "bbox_2d": [c0, r0, c1, r1]}],
+        ).png
+    )
     mask = red(rgb)
     assert tuple(rgb[r0 * SCALE + 1, (c0 + c1) // 2 * SCALE]) == BOX_COLOUR  # top edge
     assert tuple(rgb[(r1 + 1) * SCALE - 2, (c0 + c1) // 2 * SCALE]) == BOX_COLOUR  # bottom edge
@@ -100,8 +113,17 @@ def test_the_box_outlines_the_finding(tmp_path: Path) -> None:
     assert xs.min() >= c0 * SCALE - 1 and xs.max() <= (c1 + 1) * SCALE
     assert not mask[(r0 + 2) * SCALE : (r1 - 1) * SCALE, (c0 + 2) * SCALE : (c1 - 1) * SCALE].any()
     # A finding on another slice is not drawn on this one.
-    other = render_preview(paths, [{"key_slice": 2, "bbox_2d": [c0, r0, c1, r1]}, {"key_slice": 4, "bbox_2d": [40, 40, 50, 50]}])
-    assert other.boxes == 1 and not red(png(other.png))[40 * SCALE : 51 * SCALE, 40 * SCALE + 4 : 51 * SCALE - 4].any()
+    other = render_preview(
+        paths,
+        [
+            {"key_slice": 2, "bbox_2d": [c0, r0, c1, r1]},
+            {"key_slice": 4, "bbox_2d": [40, 40, 50, 50]},
+        ],
+    )
+    assert (
+        other.boxes == 1
+        and not red(png(other.png))[40 * SCALE : 51 * SCALE, 40 * SCALE + 4 : 51 * SCALE - 4].any()
+    )
 
 
 def test_localizer_and_compressed_instances(tmp_path: Path) -> None:
@@ -118,7 +140,10 @@ def test_localizer_and_compressed_instances(tmp_path: Path) -> None:
     scout.save_as(tmp_path / "ct" / "scout.dcm")
     with_scout = [*paths, tmp_path / "ct" / "scout.dcm"]
     assert len(order_frames(with_scout)) == len(paths)
-    assert np.array_equal(png(render_preview(with_scout, [{"key_slice": 1, "bbox_2d": [10, 10, 20, 20]}]).png), png(plain))
+    assert np.array_equal(
+        png(render_preview(with_scout, [{"key_slice": 1, "bbox_2d": [10, 10, 20, 20]}]).png),
+        png(plain),
+    )
 
 
 def test_undecodable_or_missing_pixels_give_a_reason(tmp_path: Path) -> None:
@@ -155,7 +180,10 @@ def test_job_preview_from_the_spool_is_cached(receiver, tmp_path: Path) -> None:
             created_at=now,
             updated_at=now,
             series_uids=[series_uid],
-            summary={"series_instance_uid": series_uid, "findings": [{"key_slice": 4, "bbox_2d": [20, 24, 29, 33]}]},
+            summary={
+                "series_instance_uid": series_uid,
+                "findings": [{"key_slice": 4, "bbox_2d": [20, 24, 29, 33]}],
+            },
         )
         s.add(job)
     first = job_preview(settings, db, job.id)
@@ -165,11 +193,16 @@ def test_job_preview_from_the_spool_is_cached(receiver, tmp_path: Path) -> None:
     cached = list((settings.data_dir / "previews").glob("*.png"))
     assert len(cached) == 1 and cached[0].read_bytes() == first.png
     again = job_preview(settings, db, job.id)
-    assert again is not None and again.png == first.png and again.slice_index is None  # from the cache
+    assert (
+        again is not None and again.png == first.png and again.slice_index is None
+    )  # from the cache
 
     # A changed result draws a new preview (and replaces the cached one).
     with db.session() as s:
-        s.get(Job, job.id).summary = {"series_instance_uid": series_uid, "findings": [{"key_slice": 1, "bbox_2d": [5, 5, 9, 9]}]}
+        s.get(Job, job.id).summary = {
+            "series_instance_uid": series_uid,
+            "findings": [{"key_slice": 1, "bbox_2d": [5, 5, 9, 9]}],
+        }
     changed = job_preview(settings, db, job.id)
     assert changed is not None and changed.slice_index == 1 and changed.png != first.png
     assert len(list((settings.data_dir / "previews").glob("*.png"))) == 1

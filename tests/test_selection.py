@@ -14,14 +14,24 @@ from workers.models.base import InputRequirements
 from workers.selection import select_series
 from workers.volume import group_series, read_header
 
-REQ = InputRequirements(min_slices=8, max_slice_thickness_mm=3.0, preferred_kernels=(r"lung", r"^b6"))
+REQ = InputRequirements(
+    min_slices=8, max_slice_thickness_mm=3.0, preferred_kernels=(r"lung", r"^b6")
+)
 
 
 def headers(paths: list[Path]) -> list[pydicom.Dataset]:
     return [read_header(p) for p in paths]
 
 
-def series(tmp: Path, name: str, *, slices: int = 10, thickness: float = 1.0, kernel: str | None = None, **kw: object) -> list[pydicom.Dataset]:
+def series(
+    tmp: Path,
+    name: str,
+    *,
+    slices: int = 10,
+    thickness: float = 1.0,
+    kernel: str | None = None,
+    **kw: object,
+) -> list[pydicom.Dataset]:
     paths = ct_series(tmp / name, slices=slices, size=16, slice_thickness=thickness, **kw)  # type: ignore[arg-type]
     out = headers(paths)
     if kernel is not None:
@@ -75,7 +85,11 @@ def test_reasons_when_nothing_qualifies(tmp_path: Path) -> None:
     assert result.reasons[uid(sagittal)].startswith("not axial (sagittal")
     assert result.reasons[uid(scouts)] == "only localizer/scout images"
     line = result.reason()
-    assert line.startswith("no series qualifies:") and "only 4 slice(s)" in line and "modality MR" in line
+    assert (
+        line.startswith("no series qualifies:")
+        and "only 4 slice(s)" in line
+        and "modality MR" in line
+    )
     assert result.reasons_by_series() == result.reasons
 
 
@@ -144,5 +158,20 @@ def test_gantry_tilt_is_still_axial(real_ct: Path) -> None:
     result = select_series(group_series(hs), req)
     assert result.series_instance_uid == str(hs[0].SeriesInstanceUID)
     # 18.5 degrees of tilt, and the normal is not the z axis.
-    normal = np.cross([float(v) for v in hs[0].ImageOrientationPatient[:3]], [float(v) for v in hs[0].ImageOrientationPatient[3:]])
+    normal = np.cross(
+        [float(v) for v in hs[0].ImageOrientationPatient[:3]],
+        [float(v) for v in hs[0].ImageOrientationPatient[3:]],
+    )
     assert abs(normal[2]) < 0.96
+
+
+def test_a_localizer_of_another_matrix_size_does_not_refuse_the_series(tmp_path: Path) -> None:
+    """Selection counts what the loader loads: a 32x32 scout in a 16x16 series is left out, not
+    'two matrix sizes'."""
+    axial = series(tmp_path, "ax", slices=9)
+    scout = ct_series(tmp_path / "scout", slices=1, size=32, series_uid=uid(axial))
+    scout_header = read_header(scout[0])
+    scout_header.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    result = select_series(group_series([*axial, scout_header]), REQ)
+    assert result.series_instance_uid == uid(axial)
+    assert result.summaries[0].images == 9

@@ -15,7 +15,8 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless, generate_uid
 
 from tests.dicomgen import ct_series
-from workers.volume import VolumeError, load_series, uniform_grid
+from workers.grid import uniform_grid
+from workers.volume import VolumeError, load_series
 
 GE = "ge-head-tilt"
 
@@ -61,10 +62,16 @@ def test_real_tilted_series_voxel_centres_match_every_slice_position(ge_paths: l
         # The first voxel centre is IPP; any other is IPP + i * dc * row + j * dr * col (PS3.3 C.7.6.2.1.1).
         assert np.allclose(vol.index_to_patient(k, 0, 0), ipp, atol=1e-4)
         for j, i in ((0, cols - 1), (rows - 1, 0), (137, 402)):
-            assert np.allclose(vol.index_to_patient(k, j, i), ipp + i * dc * row_dir + j * dr * col_dir, atol=1e-4)
+            assert np.allclose(
+                vol.index_to_patient(k, j, i), ipp + i * dc * row_dir + j * dr * col_dir, atol=1e-4
+            )
         centres = vol.voxel_centres(k)
         assert np.allclose(centres[0, 0], ipp, atol=1e-4)
-        assert np.allclose(centres[rows - 1, cols - 1], ipp + (cols - 1) * dc * row_dir + (rows - 1) * dr * col_dir, atol=1e-4)
+        assert np.allclose(
+            centres[rows - 1, cols - 1],
+            ipp + (cols - 1) * dc * row_dir + (rows - 1) * dr * col_dir,
+            atol=1e-4,
+        )
         # The array holds this file's pixels, rescaled.
         pixels = pydicom.dcmread(source.path).pixel_array.astype(np.float32)
         expected = pixels * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
@@ -72,13 +79,21 @@ def test_real_tilted_series_voxel_centres_match_every_slice_position(ge_paths: l
     # Sorted along the slice normal, never by file order or InstanceNumber.
     assert np.all(np.diff(vol.slice_offsets) > 0)
     gaps = np.diff(vol.slice_offsets)
-    assert gaps.min() == pytest.approx(1.08, abs=0.01) and gaps.max() == pytest.approx(7.0, abs=0.01)
+    assert gaps.min() == pytest.approx(1.08, abs=0.01) and gaps.max() == pytest.approx(
+        7.0, abs=0.01
+    )
     # patient_to_index inverts index_to_patient even across the uneven gap.
     for k in (0.0, 13.5, 14.25, 27.0):
-        assert np.allclose(vol.patient_to_index(*vol.index_to_patient(k, 100.0, 300.0)), (k, 100.0, 300.0), atol=1e-6)
+        assert np.allclose(
+            vol.patient_to_index(*vol.index_to_patient(k, 100.0, 300.0)),
+            (k, 100.0, 300.0),
+            atol=1e-6,
+        )
 
 
-def test_mask_on_real_tilted_series_encodes_to_a_valid_seg_on_the_right_slices(ge_paths: list[Path]) -> None:
+def test_mask_on_real_tilted_series_encodes_to_a_valid_seg_on_the_right_slices(
+    ge_paths: list[Path],
+) -> None:
     """A detector mask on slices 12-16 (across the 1.08 mm gap) becomes a SEG that dciodvfy
     accepts, whose frames reference exactly those source images at their positions."""
     pytest.importorskip("highdicom")
@@ -141,7 +156,9 @@ def _legacy_multiframe(paths: list[Path], out: Path, transfer_syntax: str | None
 
 
 @pytest.mark.parametrize("transfer_syntax", [None, RLELossless])
-def test_multiframe_equals_single_frame(phantom_paths: list[Path], tmp_path: Path, transfer_syntax: str | None) -> None:
+def test_multiframe_equals_single_frame(
+    phantom_paths: list[Path], tmp_path: Path, transfer_syntax: str | None
+) -> None:
     single = load_series(phantom_paths)
     path = _legacy_multiframe(phantom_paths, tmp_path / "mf.dcm", transfer_syntax)
     multi = load_series([path])
@@ -163,7 +180,9 @@ def _dcmcjpeg(paths: list[Path], out: Path, flag: str) -> list[Path]:
     outs = []
     for p in paths:
         q = out / p.name
-        subprocess.run(["dcmcjpeg", flag, str(p), str(q)], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            ["dcmcjpeg", flag, str(p), str(q)], check=True, capture_output=True, timeout=60
+        )
         outs.append(q)
     return outs
 
@@ -173,19 +192,29 @@ def _dcmcjpeg(paths: list[Path], out: Path, flag: str) -> list[Path]:
     [("+e1", JPEGLosslessSV1), ("+el", "1.2.840.10008.1.2.4.57")],
     ids=["jpeg-lossless-sv1", "jpeg-lossless-process14"],
 )
-def test_jpeg_lossless_process14_equals_uncompressed(phantom_paths: list[Path], tmp_path: Path, flag: str, uid: str) -> None:
+def test_jpeg_lossless_process14_equals_uncompressed(
+    phantom_paths: list[Path], tmp_path: Path, flag: str, uid: str
+) -> None:
     compressed = _dcmcjpeg(phantom_paths, tmp_path / "jpeg", flag)
-    assert pydicom.dcmread(compressed[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == uid
+    assert (
+        pydicom.dcmread(compressed[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == uid
+    )
     _same_volume(load_series(compressed), load_series(phantom_paths))
 
 
-def test_jpeg_lossless_real_tilted_series_equals_uncompressed(ge_paths: list[Path], tmp_path: Path) -> None:
+def test_jpeg_lossless_real_tilted_series_equals_uncompressed(
+    ge_paths: list[Path], tmp_path: Path
+) -> None:
     compressed = _dcmcjpeg(ge_paths, tmp_path / "jpeg", "+e1")
     _same_volume(load_series(compressed), load_series(ge_paths))
 
 
-@pytest.mark.parametrize("uid", [JPEGLSLossless, JPEG2000Lossless, RLELossless], ids=["jpeg-ls", "jpeg2000", "rle"])
-def test_other_lossless_syntaxes_equal_uncompressed(phantom_paths: list[Path], tmp_path: Path, uid: str) -> None:
+@pytest.mark.parametrize(
+    "uid", [JPEGLSLossless, JPEG2000Lossless, RLELossless], ids=["jpeg-ls", "jpeg2000", "rle"]
+)
+def test_other_lossless_syntaxes_equal_uncompressed(
+    phantom_paths: list[Path], tmp_path: Path, uid: str
+) -> None:
     out = tmp_path / "c"
     out.mkdir()
     compressed = []
@@ -241,7 +270,9 @@ def test_rescale_is_applied_per_image(tmp_path: Path) -> None:
     assert np.array_equal(vol.array[k], stored * 2 - 2048)
 
 
-def test_duplicate_file_is_dropped_but_two_images_at_one_position_are_refused(tmp_path: Path) -> None:
+def test_duplicate_file_is_dropped_but_two_images_at_one_position_are_refused(
+    tmp_path: Path,
+) -> None:
     paths = ct_series(tmp_path / "s", slices=5, size=32)
     vol = load_series([*paths, paths[1]])
     assert vol.shape[0] == 5 and any("duplicate" in n for n in vol.notes)
@@ -309,3 +340,12 @@ def test_uniform_grid_resamples_and_maps_back_to_source_slices(tmp_path: Path) -
     assert len(hit) == 1 and vol.slice_offsets[hit[0]] == pytest.approx(grid.offsets[5])
     with pytest.raises(VolumeError, match="gap"):
         uniform_grid(vol, max_gap_mm=3.0)
+
+
+def test_malformed_rescale_is_a_clear_error(tmp_path: Path) -> None:
+    paths = ct_series(tmp_path / "s", slices=3, size=32)
+    ds = pydicom.dcmread(paths[1])
+    ds["RescaleSlope"] = pydicom.DataElement("RescaleSlope", "LO", "x")
+    ds.save_as(paths[1])
+    with pytest.raises(VolumeError, match="RescaleSlope is malformed"):
+        load_series(paths)

@@ -1,9 +1,11 @@
 """Choosing the series of a study a model runs on, with a reason for every series left out.
 
 The job pipeline calls :func:`select_series` with headers read from the spooled files (no
-pixel data). A series qualifies when its modality is accepted, it has enough cross-sectional
-(non-localizer) images, they are axial (gantry tilt is fine), thin enough, all of one matrix
-size, one image per position, and not too many voxels. Among those that qualify the choice is,
+pixel data). The images that count are the ones the volume loader would load, in its order
+(:func:`dicom_node.geometry.order_slices`: no localizers, non-image objects, unreadable planes
+or stray orientations). A series qualifies when its modality is accepted, it has enough of
+them, they are axial (gantry tilt is fine), thin enough, all of one matrix size, one image per
+position, and not too many voxels. Among those that qualify the choice is,
 in order: a preferred reconstruction kernel (e.g. a lung kernel), thinner slices, more slices.
 
 Reasons name only technical properties (modality, counts, millimetres, kernels), never
@@ -21,19 +23,11 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicom_node.geometry import LOCALIZER, is_non_image, order_slices
 from workers.models.base import InputRequirements
-from workers.volume import NON_IMAGE_MODALITIES, VolumeError, frame_count, frame_geometry
 
 AXIAL_MAX_ANGLE_DEG = 45.0
 """A series is axial when its slice normal is within this angle of the patient's z axis."""
-
-_NON_IMAGE_SOP_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.66",  # segmentation, registration, surface...
-    "1.2.840.10008.5.1.4.1.1.88",  # structured reports
-    "1.2.840.10008.5.1.4.1.1.11",  # presentation states
-    "1.2.840.10008.5.1.4.1.1.104",  # encapsulated documents
-    "1.2.840.10008.5.1.4.1.1.481",  # RT objects
-)
 
 
 @dataclass
@@ -95,13 +89,6 @@ def _kernel(ds: Dataset) -> str | None:
     return str(value)
 
 
-def _is_non_image(ds: Dataset) -> bool:
-    sop = str(ds.get("SOPClassUID", ""))
-    if str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
-        return True
-    return any(sop.startswith(p) for p in _NON_IMAGE_SOP_PREFIXES)
-
-
 def summarise(uid: str, headers: list[Dataset], req: InputRequirements) -> SeriesSummary:
     """Check one series against ``req``; ``reason`` is set when it does not qualify."""
     modality = str(headers[0].get("Modality", "") or "") if headers else ""
@@ -114,37 +101,27 @@ def summarise(uid: str, headers: list[Dataset], req: InputRequirements) -> Serie
     if not modalities & accepted:
         summary.reason = f"modality {'/'.join(sorted(modalities)) or 'missing'} is not {'/'.join(sorted(accepted))}"
         return summary
-    images = [h for h in headers if not _is_non_image(h)]
+    images = [h for h in headers if not is_non_image(h)]
     if not images:
         summary.reason = "no images (only SR/SEG/presentation or other non-image objects)"
         return summary
-    frames = []
-    bad_geometry = 0
-    for h in images:
-        try:
-            frames.extend(frame_geometry(h))
-        except VolumeError:
-            bad_geometry += 1
-    slices = [f for f in frames if not f.localizer]
+    order = order_slices(headers)
+    slices = order.slices
     if not slices:
-        summary.reason = "only localizer/scout images" if frames else "images lack position/orientation"
+        localizers = order.count(LOCALIZER)
+        summary.reason = (
+            "only localizer/scout images" if localizers else "images lack position/orientation"
+        )
         return summary
     kernels = Counter(k for k in (_kernel(h) for h in images) if k)
     summary.kernel = kernels.most_common(1)[0][0] if kernels else None
     summary.preferred_kernel = bool(
-        summary.kernel and any(re.search(p, summary.kernel, re.IGNORECASE) for p in req.preferred_kernels)
+        summary.kernel
+        and any(re.search(p, summary.kernel, re.IGNORECASE) for p in req.preferred_kernels)
     )
-    # Dominant orientation; axial check on its normal.
-    keyed = Counter(tuple(np.round(f.orientation, 2)) for f in slices)
-    main = np.array(keyed.most_common(1)[0][0], dtype=np.float64)
-    slices = [f for f in slices if np.allclose(f.orientation, main, atol=2e-2)]
     summary.images = len(slices)
-    normal = np.cross(main[:3], main[3:])
-    norm = float(np.linalg.norm(normal))
-    if norm < 1e-6:
-        summary.reason = "invalid ImageOrientationPatient"
-        return summary
-    angle = math.degrees(math.acos(min(1.0, abs(normal[2]) / norm)))
+    normal = order.normal
+    angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
     if req.axial_only and angle > AXIAL_MAX_ANGLE_DEG:
         plane = "sagittal" if abs(normal[0]) > abs(normal[1]) else "coronal"
         summary.reason = f"not axial ({plane}, {angle:.0f} degrees from axial)"
@@ -152,30 +129,39 @@ def summarise(uid: str, headers: list[Dataset], req: InputRequirements) -> Serie
     if len(slices) < req.min_slices:
         summary.reason = f"only {len(slices)} slice(s), at least {req.min_slices} needed"
         return summary
-    offsets = np.sort(np.array([f.position @ (normal / norm) for f in slices]))
-    gaps = np.diff(offsets)
-    if gaps.size and np.any(gaps < 1e-3):
-        summary.reason = f"{int(np.sum(gaps < 1e-3))} position(s) hold more than one image (several phases?)"
+    if order.shared_positions:
+        summary.reason = (
+            f"{order.shared_positions} position(s) hold more than one image (several phases?)"
+        )
         return summary
+    gaps = np.diff(order.offsets)
     thicknesses = [f.thickness for f in slices if f.thickness]
-    thickness = float(np.median(thicknesses)) if thicknesses else (float(np.median(gaps)) if gaps.size else None)
+    thickness = (
+        float(np.median(thicknesses))
+        if thicknesses
+        else (float(np.median(gaps)) if gaps.size else None)
+    )
     summary.slice_thickness_mm = round(thickness, 3) if thickness is not None else None
-    if req.max_slice_thickness_mm is not None and thickness is not None and thickness > req.max_slice_thickness_mm + 1e-6:
-        summary.reason = f"slices {thickness:.2g} mm thick, at most {req.max_slice_thickness_mm:g} mm accepted"
+    max_thickness = req.max_slice_thickness_mm
+    if max_thickness is not None and thickness is not None and thickness > max_thickness + 1e-6:
+        summary.reason = f"slices {thickness:.2g} mm thick, at most {max_thickness:g} mm accepted"
         return summary
-    sizes = {(int(h.get("Rows", 0) or 0), int(h.get("Columns", 0) or 0)) for h in images}
+    # Matrix size and voxels of what the loader would load (a localizer's matrix does not count).
+    sizes = {(f.rows, f.columns) for f in slices}
     if len(sizes) != 1:
         summary.reason = f"{len(sizes)} different matrix sizes in one series"
         return summary
     rows, cols = sizes.pop()
-    voxels = sum(frame_count(h) for h in images) * rows * cols
+    voxels = len(slices) * rows * cols
     if voxels > req.max_voxels:
         summary.reason = f"too large: {voxels} voxels, at most {req.max_voxels}"
         return summary
     return summary
 
 
-def select_series(series_headers: dict[str, list[Dataset]], req: InputRequirements) -> SelectionResult:
+def select_series(
+    series_headers: dict[str, list[Dataset]], req: InputRequirements
+) -> SelectionResult:
     """Choose the series a model with requirements ``req`` should run on.
 
     ``series_headers`` maps SeriesInstanceUID to that series' headers (pixel data not needed).
@@ -194,5 +180,7 @@ def select_series(series_headers: dict[str, list[Dataset]], req: InputRequiremen
     reasons = {s.series_instance_uid: s.reason for s in summaries if s.reason is not None}
     for s in qualifying[1:]:
         assert chosen is not None
-        reasons[s.series_instance_uid] = "qualifies but ranked lower (kernel, thickness, slice count)"
+        reasons[s.series_instance_uid] = (
+            "qualifies but ranked lower (kernel, thickness, slice count)"
+        )
     return SelectionResult(chosen, reasons, summaries)

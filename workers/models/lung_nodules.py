@@ -8,7 +8,7 @@ been validated on clinical data and must not be used for diagnosis.
 How it works (all on the CPU in about 10 s for a 300 x 512² CT on 2 cores; CUDA when present):
 
 1. **Grid.** Unevenly spaced series are resampled along the normal
-   (:func:`workers.volume.uniform_grid`); results are mapped back to source slice indices.
+   (:func:`workers.grid.uniform_grid`); results are mapped back to source slice indices.
    In-plane, the image is mean-pooled to about 1.4 mm pixels.
 2. **Lungs** from HU and morphology (:func:`workers.models.nodule_ops.lung_mask`): air inside the
    body, closed per slice and per component so that juxtapleural nodules are inside the mask.
@@ -25,7 +25,7 @@ How it works (all on the CPU in about 10 s for a 300 x 512² CT on 2 cores; CUDA
    (pleura) — ranked by an MLP; the best 500 are re-scored by small 3D CNNs over a
    scale-normalised patch, the shipped ones by two (one also sees a cube twice as wide), with
    their logits averaged (:mod:`workers.models.nodule_classifier`; weights in
-   ``weights/lung_nodules_fp.pt``, produced by ``python -m workers.models.train_fp_reduction``).
+   ``weights/lung_nodules_fp.pt``, produced by ``python -m training.train_fp_reduction``).
    Candidates within a better one's radius, or on a better one's segmented object (the rim
    peaks of a large nodule; see :func:`merge_objects`), are dropped.
 6. **Per nodule**: a mask by region growing at a threshold halfway between the nodule's centre
@@ -50,11 +50,12 @@ from scipy.spatial import cKDTree
 
 from dicom_node.errors import ModelLoadError
 from workers.findings import LUNG, NODULE, CodedConcept, DetectionResult, Finding
+from workers.grid import UniformGrid, uniform_grid
 from workers.models import nodule_ops as ops
 from workers.models.base import InputRequirements, ModelInfo
 from workers.models.measure import finding_from_mask
 from workers.models.nodule_classifier import FpReducer, sample_patches
-from workers.volume import UniformGrid, Volume, VolumeError, uniform_grid
+from workers.volume import Volume, VolumeError
 
 LOGGER = logging.getLogger(__name__)
 

@@ -63,9 +63,10 @@ from scipy import ndimage
 
 from dicom_node.errors import ModelError, ModelLoadError
 from workers.findings import CodedConcept, DetectionResult, Finding
+from workers.grid import uniform_grid
 from workers.models.base import InputRequirements, ModelInfo
 from workers.models.measure import finding_from_mask
-from workers.volume import Volume, uniform_grid
+from workers.volume import Volume
 
 LOGGER = logging.getLogger(__name__)
 

@@ -7,15 +7,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import ConfigError
-from dicom_node.state.models import Base, Meta
+from dicom_node.state.models import Meta
+
+if TYPE_CHECKING:
+    from dicom_node.state.migrate import UpgradeResult
 
 SQLITE_BUSY_TIMEOUT_MS = 30000
 """How long a SQLite writer waits for another process's transaction (ms)."""
@@ -51,17 +54,18 @@ class Database:
         except Exception as exc:  # bad URL or missing driver
             raise ConfigError(f"cannot use database_url: {exc}") from exc
         if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_on_connect)
+            event.listen(self.engine, "connect", sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def create_schema(self) -> None:
-        """Create missing tables (idempotent; safe from several processes at once)."""
-        try:
-            Base.metadata.create_all(self.engine)
-        except (OperationalError, IntegrityError):
-            # Another process created the tables between our check and our CREATE.
-            Base.metadata.create_all(self.engine)
+    def upgrade_schema(self) -> UpgradeResult:
+        """Bring the schema to this code's revision (see :mod:`dicom_node.state.migrate`).
+
+        Cheap when it is already there (one ``SELECT``); safe from several processes at once.
+        """
+        from dicom_node.state import migrate  # it builds on this module's SQLite set-up
+
+        return migrate.upgrade(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -103,7 +107,8 @@ class Database:
         self.engine.dispose()
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Per-connection SQLite set-up: WAL, durable commits, foreign keys, busy timeout."""
     cur = dbapi_connection.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     # FULL: a committed index row survives a power cut, matching the fsynced spool file.
@@ -118,7 +123,16 @@ def _sqlite_on_begin(conn: Any) -> None:
 
 
 def open_database(url: str) -> Database:
-    """Open the state database and make sure its schema exists."""
+    """Open the state database, its schema upgraded to this code's revision.
+
+    The one place every process (node, workers, CLI commands) opens it: an empty database gets
+    the schema, an older one is migrated (under a lock, one process at a time), and one newer
+    than this code is refused with :class:`~dicom_node.state.migrate.SchemaError`.
+    """
     db = Database(url)
-    db.create_schema()
+    try:
+        db.upgrade_schema()
+    except BaseException:
+        db.dispose()
+        raise
     return db

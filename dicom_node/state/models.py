@@ -84,7 +84,11 @@ class DeliveryState(str, Enum):
 
 
 class Meta(Base):
-    """Installation-wide values (the UID hashing salt, the schema version)."""
+    """Installation-wide values (the UID hashing salt).
+
+    The schema revision is kept by Alembic in its own table (see dicom_node.state.migrations);
+    a change to any table here needs a revision there.
+    """
 
     __tablename__ = "meta"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -133,6 +137,8 @@ class Series(Base):
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 
+    __table_args__ = (Index("ix_series_study", "study_id"),)
+
 
 class Instance(Base):
     __tablename__ = "instances"
@@ -154,7 +160,10 @@ class Instance(Base):
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
-    __table_args__ = (Index("ix_instances_study", "study_id"),)
+    __table_args__ = (
+        Index("ix_instances_study", "study_id"),
+        Index("ix_instances_series", "series_id"),
+    )
 
 
 class DuplicateEvent(Base):
@@ -232,6 +241,8 @@ class Outbox(Base):
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (Index("ix_outbox_job", "job_id"),)
 
 
 class Output(Base):

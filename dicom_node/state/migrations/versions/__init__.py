@@ -1,0 +1,1 @@
+"""Revision files of the state database, one per schema change (see the package docstring)."""

@@ -84,3 +84,26 @@ def record(
             )
     except Exception as exc:  # the audit must not take the node down
         LOGGER.error("audit record %s could not be stored: %s", event, type(exc).__name__)
+
+
+def job_state(
+    db: Database | None,
+    job_id: str,
+    study_key: str | None,
+    state: str,
+    *,
+    actor: str,
+    outcome: str = "success",
+    **detail: Any,
+) -> None:
+    """Record a job's move to ``state`` (a :class:`~dicom_node.state.JobState` value)."""
+    record(
+        db,
+        JOB_STATE,
+        actor=actor,
+        outcome=outcome,
+        study_key=study_key,
+        job_id=job_id,
+        state=state,
+        **detail,
+    )

@@ -1,8 +1,9 @@
 """The Celery configuration shared by the edge (producer) and the workers (consumers).
 
-Celery gives neither exactly-once nor no-loss (``research/reliability.md`` §2): the state
-database is the source of truth, messages carry a job id only, and the reconciler re-sends what
-got lost. This module only makes the transport behave as well as it can:
+Celery gives neither exactly-once nor no-loss (Celery's documentation, "Redis: caveats": an
+unacknowledged message is redelivered after the visibility timeout, and a message Redis loses is
+gone): the state database is the source of truth, messages carry a job id only, and the
+reconciler re-sends what got lost. This module only makes the transport behave as well as it can:
 
 * ``acks_late`` + ``reject_on_worker_lost``: a killed child's message goes back to the queue;
 * prefetch 1: a worker holds only the task it runs;

@@ -10,17 +10,18 @@ set, which supersede the earlier ones (kept, and linked by ``supersedes_id``).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicom_node import audit
-from dicom_node.broker import DEFAULT_QUEUE, RUN_JOB_TASK
-from dicom_node.jobs import job_id_for
+from dicom_node.broker import DEFAULT_QUEUE
+from dicom_node.jobs import JobSpec, create_job
 from dicom_node.routing import SeriesFacts, route
 from dicom_node.settings import Settings
-from dicom_node.state import Database, Instance, Job, JobState, Outbox, Series, Study, utcnow
+from dicom_node.state import Database, Instance, Job, Series, Study, utcnow
 from dicom_node.uids import input_set_hash
 
 LOGGER = logging.getLogger(__name__)
@@ -123,38 +124,24 @@ def complete_study(
         result = route(settings.effective_routes(), facts, list(settings.all_destinations()))
         version = study.version + 1
         decisions = result.decisions
+        unrouted = JobSpec(
+            study_id=study.id,
+            study_instance_uid=study.study_instance_uid,
+            study_version=version,
+            input_hash=input_hash,
+            input_count=len(pairs),
+            rule=NO_RULE,
+            model=NO_RULE,
+            queue=DEFAULT_QUEUE,
+            max_attempts=settings.worker.max_attempts,
+        )
         if not decisions:
-            job_id = job_id_for(study.study_instance_uid, input_hash, NO_RULE, NO_RULE)
-            if s.get(Job, job_id) is None:
-                s.add(
-                    Job(
-                        id=job_id,
-                        study_id=study.id,
-                        study_version=version,
-                        rule=NO_RULE,
-                        model=NO_RULE,
-                        queue=DEFAULT_QUEUE,
-                        state=JobState.SKIPPED.value,
-                        reason=result.skip_reason()[:2000],
-                        input_hash=input_hash,
-                        input_count=len(pairs),
-                        series_uids=[],
-                        destinations=[],
-                        attempts=0,
-                        max_attempts=settings.worker.max_attempts,
-                        created_at=now,
-                        finished_at=now,
-                        updated_at=now,
-                        timings={},
-                        summary={},
-                    )
-                )
+            spec = unrouted
+            reason = result.skip_reason()[:2000]
+            if (job_id := create_job(s, spec, now, skipped_reason=reason)) is not None:
                 created.append(job_id)
                 audit_events.append((job_id, "skipped", {"reason": "no routing rule matched"}))
         for decision in decisions:
-            job_id = job_id_for(study.study_instance_uid, input_hash, decision.rule, decision.model)
-            if s.get(Job, job_id) is not None:
-                continue  # this exact input set was already routed (e.g. an identical resend)
             previous = s.scalar(
                 select(Job.id)
                 .where(
@@ -163,31 +150,18 @@ def complete_study(
                 .order_by(Job.created_at.desc())
                 .limit(1)
             )
-            queue = model_queue(settings, decision.model)
-            s.add(
-                Job(
-                    id=job_id,
-                    study_id=study.id,
-                    study_version=version,
-                    rule=decision.rule,
-                    model=decision.model,
-                    queue=queue,
-                    state=JobState.WAITING.value,
-                    input_hash=input_hash,
-                    input_count=len(pairs),
-                    series_uids=decision.series_uids,
-                    destinations=decision.destinations,
-                    attempts=0,
-                    max_attempts=settings.worker.max_attempts,
-                    created_at=now,
-                    updated_at=now,
-                    supersedes_id=previous,
-                    timings={},
-                    summary={},
-                )
+            spec = replace(
+                unrouted,
+                rule=decision.rule,
+                model=decision.model,
+                queue=model_queue(settings, decision.model),
+                series_uids=list(decision.series_uids),
+                destinations=list(decision.destinations),
+                supersedes_id=previous,
             )
-            s.flush()
-            s.add(Outbox(job_id=job_id, task=RUN_JOB_TASK, queue=queue, created_at=now, attempts=0))
+            job_id = create_job(s, spec, now)
+            if job_id is None:
+                continue  # this exact input set was already routed (e.g. an identical resend)
             created.append(job_id)
             audit_events.append(
                 (

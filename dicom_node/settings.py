@@ -63,7 +63,7 @@ series within seconds, so 30 s trades a little latency for fewer split studies."
 
 DEFAULT_MAX_PDU = 131072
 """Maximum PDU size (bytes) we advertise. ``storescu`` never sends larger PDUs, and 128 KiB cut
-per-instance CPU by a third in ``research/performance.md`` §2.3."""
+the PDUs per 512 KB CT slice from 32 (pynetdicom's default 16382 bytes) to 4."""
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
 
@@ -382,6 +382,11 @@ class WorkerSettings(_Section):
     node_url: str | None = None
     """Base URL of the node's HTTP API for workers that read over WADO-RS."""
     node_token: SecretStr | None = None
+    results: Literal["auto", "local", "node"] = "auto"
+    """Where workers put finished results: ``local`` writes into this data directory's result
+    store (a worker that shares the node's disk), ``node`` puts them through the node's API
+    (``worker.node_url``) so they outlive this machine. ``auto``: ``node`` when inputs come over
+    WADO-RS, else ``local``."""
     dciodvfy: bool = True
     """When dciodvfy (Debian dicom3tools) is installed, require zero errors from it on every SR
     and SEG before they are stored and sent (in addition to the built-in conformance gate)."""
@@ -662,11 +667,6 @@ def _redact(url: str) -> str:
     except ValueError:  # unparseable (e.g. a bad port): hide everything before the host
         return url.split("://", 1)[0] + "://***"
     return url
-
-
-def redact_url(url: str) -> str:
-    """Public form of :func:`_redact` for logs and API output."""
-    return _redact(url)
 
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:

@@ -616,10 +616,11 @@ def test_remote_worker_reads_over_dicomweb(
     assert settings.worker.node_token is not None
     assert settings.worker.node_token.get_secret_value() == env["NODE_API_TOKEN"]
     assert settings.broker_url == f"redis://:{env['REDIS_PASSWORD']}@10.1.2.3:6379/0"
-    assert (
-        settings.destination
-        == f"http://ainode:{env['ORTHANC_AINODE_PASSWORD']}@10.1.2.3:8042/dicom-web"
-    )
+    # Results go into the node's store; the node's host delivers, the GPU machine never needs the PACS.
+    from workers.storage import results_mode
+
+    assert results_mode(settings) == "node"
+    assert settings.destination is None and "ORTHANC_AINODE_PASSWORD" not in str(service["environment"])
 
 
 # ------------------------------------------------------------------------------- Dockerfiles

@@ -52,8 +52,9 @@ def second_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def remote_worker(env: NodeEnv, data_dir: Path) -> WorkerProcess:
-    """A worker with its own data directory that reads inputs from the node over WADO-RS."""
+def remote_worker(env: NodeEnv, data_dir: Path, *, queues: str = "cpu", name: str = "remote") -> WorkerProcess:
+    """A worker with its own data directory that reads inputs from the node over WADO-RS and
+    consumes only model ``queues`` (delivery runs where the node's result store is)."""
     node = env.node
     shadow = NodeProcess(
         data_dir,
@@ -67,7 +68,7 @@ def remote_worker(env: NodeEnv, data_dir: Path) -> WorkerProcess:
         config=node.config,
     )
     data_dir.mkdir(parents=True)
-    worker = WorkerProcess(shadow, name="remote").start()
+    worker = WorkerProcess(shadow, queues=queues, name=name).start()
     env.workers.append(worker)
     return worker
 
@@ -131,8 +132,10 @@ def test_stow_and_remote_worker_match_cstore_and_spool_worker(
         assert findings(job_remote.summary) == findings(job_local.summary)
         assert job_local.summary["finding_count"] == 1
 
+        # The remote worker put its results in the node's central store and kept none itself.
         local_results = local.node.data_dir / "results"
-        remote_results = worker_dir / "results"
+        remote_results = remote.node.data_dir / "results"
+        assert not (worker_dir / "results").exists()
         seg_l = dcmread(output_file(local_results, local, job_local.id, "seg"))
         seg_r = dcmread(output_file(remote_results, remote, job_remote.id, "seg"))
         assert np.array_equal(seg_l.pixel_array, seg_r.pixel_array)

@@ -1,7 +1,8 @@
 """The worker's Celery app: the shared safe configuration plus the two tasks.
 
 Tasks are thin (Celery's own advice): they carry a job id and call the pipeline, which holds
-all logic and is testable without Celery. Their names are stable protocol constants.
+all logic and is testable without Celery: ``run_job`` the model phase
+(:mod:`workers.pipeline`), ``deliver`` the delivery phase (:mod:`dicom_node.delivery.phase`). Their names are stable protocol constants.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def create_worker_app(settings: Settings, name: str | None = None) -> Celery:
         name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
     )
     def deliver(self: Any, job_id: str) -> None:
-        from workers.pipeline import JobRunner
+        from dicom_node.delivery.phase import DeliveryPhase
 
-        JobRunner(get_runtime()).deliver(job_id)
+        runtime = get_runtime()
+        DeliveryPhase(runtime.db, runtime.settings, runtime.owner_id).run(job_id)
 
     return app
 

@@ -3,7 +3,8 @@
 Headers larger than ``http.max_header_bytes`` are answered 431 (h11 already refuses a header
 block that grows past it while incomplete; this also catches one that arrives whole).
 
-STOW-RS bodies (``POST /dicom-web/studies...``) may be as large as ``http.max_stow_bytes``;
+STOW-RS bodies (``POST /dicom-web/studies...``) and result files a remote worker puts in the
+result store (``PUT /api/jobs/<id>/results/<name>``) may be as large as ``http.max_stow_bytes``;
 every other route takes at most :data:`SMALL_BODY_BYTES` (none of them reads a body). A declared
 ``Content-Length`` over the cap is refused before any of the body is read; a chunked body is
 counted as it streams and refused the moment it passes the cap. Either way the answer is 413
@@ -13,6 +14,7 @@ and the connection is closed, so the rest of the body is never read.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -21,6 +23,7 @@ SMALL_BODY_BYTES = 1024 * 1024
 """Body limit of the routes that are not STOW-RS."""
 
 STOW_PREFIX = "/dicom-web/studies"
+_RESULT_PUT = re.compile(r"^/api/jobs/[^/]+/results/[^/]+$")
 
 
 class BodyTooLarge(Exception):
@@ -34,6 +37,8 @@ class BodyTimeout(Exception):
 def body_limit(method: str, path: str, max_stow_bytes: int) -> int:
     """The body limit (bytes) of one request."""
     if method == "POST" and (path == STOW_PREFIX or path.startswith(STOW_PREFIX + "/")):
+        return max_stow_bytes
+    if method == "PUT" and _RESULT_PUT.match(path):
         return max_stow_bytes
     return SMALL_BODY_BYTES
 

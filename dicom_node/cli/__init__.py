@@ -9,7 +9,8 @@ Exit codes (stable; scripts rely on them):
 
 Commands that need the compute side (``worker``, ``evaluate``) are registered by the
 ``workers`` package through the ``dicom_node.commands`` entry point group, so this package
-never imports ``workers``.
+never imports ``workers``. A plug-in that fails to load is logged as a warning, and its command
+stays listed and says why when it is run.
 """
 
 from __future__ import annotations
@@ -114,8 +115,60 @@ def _register_commands() -> None:
     for ep in entry_points(group="dicom_node.commands"):
         try:
             ep.load()(app)
-        except ImportError as exc:  # the worker extra is not installed
-            LOGGER.debug("command plug-in %s unavailable: %s", ep.name, exc)
+        except Exception as exc:  # one broken plug-in must not take every other command down
+            from dicom_node.phi import reason_text
+
+            # Import errors describe code and installed packages, never patient data.
+            reason = reason_text(f"{type(exc).__name__}: {exc}", 500) or type(exc).__name__
+            LOGGER.warning(
+                "command plug-in %r (%s) could not be loaded: %s", ep.name, ep.value, reason
+            )
+            if ep.name not in _command_names():
+                _register_unavailable(
+                    ep.name, ep.value, reason, worker_extra=_needs_worker_extra(ep.value, exc)
+                )
+
+
+def _command_names() -> set[str]:
+    names = set()
+    for info in app.registered_commands:
+        callback_name = info.callback.__name__ if info.callback is not None else ""
+        names.add(info.name or callback_name.lower().replace("_", "-"))
+    return names
+
+
+_WORKER_EXTRA_HINT = "the worker extra: pip install 'dicom-node[worker]'"
+
+
+def _missing_dependency(exc: BaseException) -> str | None:
+    """The top-level name of the missing third-party module, when ``exc`` says one is missing
+    (one of our own modules missing is a broken install, not a missing extra)."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    return None if top in ("dicom_node", "workers") else top
+
+
+def _needs_worker_extra(value: str, exc: Exception) -> bool:
+    # The built-in compute commands live in `workers`, whose imports come with the worker extra.
+    return value.startswith("workers.") and _missing_dependency(exc) is not None
+
+
+def _register_unavailable(name: str, value: str, reason: str, *, worker_extra: bool) -> None:
+    """Register ``name`` as a command that explains why its plug-in is missing (instead of
+    click's "No such command"), whatever options it is given, ``--help`` included."""
+    message = f"the {name} plug-in ({value}) could not be loaded: {reason}"
+    if worker_extra:
+        message += f" (it needs {_WORKER_EXTRA_HINT})"
+
+    @app.command(
+        name=name,
+        help=f"Not available: its plug-in could not be loaded (run `dicom-node {name}` for why).",
+        add_help_option=False,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
+    def unavailable(ctx: typer.Context) -> None:
+        raise ConfigError(message)
 
 
 def _is_settings_error(exc: Exception) -> bool:
@@ -142,11 +195,27 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.secho("aborted", err=True)
         return EXIT_FAILED
+    except ModuleNotFoundError as exc:
+        # A command importing an optional dependency when it runs (the compute commands import
+        # torch only then): say what to install instead of showing a traceback.
+        missing = _missing_dependency(exc)
+        if missing is None:
+            raise
+        typer.secho(
+            f"error: this command needs the Python package that provides {missing!r}, which is "
+            f"not installed (the worker and evaluate commands need {_WORKER_EXTRA_HINT})",
+            err=True,
+            fg=typer.colors.RED,
+        )
+        return EXIT_USAGE
     except Exception as exc:  # click usage errors
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+        # Typer (>= 0.16) raises its vendored click's exceptions, which are not click's classes.
+        if isinstance(exc, click.exceptions.ClickException) or (
+            callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)
+        ):
+            exc.show()  # type: ignore[attr-defined]
             return EXIT_USAGE
         if _is_settings_error(exc):  # load_settings converts these; a stray one is still config
             typer.secho(f"error: invalid configuration: {exc}", err=True, fg=typer.colors.RED)

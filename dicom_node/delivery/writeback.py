@@ -1,5 +1,6 @@
-"""The delivery entry points the job pipeline calls: :func:`deliver`, :func:`deliver_with_retry`
-and :func:`echo_destination`.
+"""Delivery entry points: :func:`deliver` (one attempt; what the job pipeline calls, scheduling
+its own retries with :func:`~dicom_node.delivery.backoff.next_delay`), :func:`deliver_with_retry`
+(a blocking retry loop) and :func:`echo_destination` (is the destination there?).
 
 ``deliver`` makes one attempt and is idempotent: it sends the stored bytes as they are, so a
 resend after a lost answer, a crash or a retry carries the same SOP Instance UIDs and the same
@@ -19,7 +20,7 @@ from dicom_node.delivery.backoff import next_delay
 from dicom_node.delivery.destinations import CStoreDestination, Destination, StowDestination
 from dicom_node.delivery.objects import load_objects
 from dicom_node.delivery.report import DeliveryReport, InstanceOutcome
-from dicom_node.delivery.status import Verdict
+from dicom_node.dimse_status import STATUS_SUCCESS, Verdict
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
 
 LOGGER = logging.getLogger(__name__)
@@ -119,8 +120,9 @@ def deliver_with_retry(
 ) -> DeliveryReport:
     """:func:`deliver`, retrying transient failures with capped exponential backoff and jitter.
 
-    For callers that can block (the ``send`` command, scripts, tests); the job pipeline instead
-    records each attempt and schedules the next with :func:`next_delay`. ``max_attempts``
+    For a caller that can block until the destination answers (the delivery tests use it); the
+    job pipeline does not: it records each attempt in the state database and schedules the next
+    with :func:`~dicom_node.delivery.backoff.next_delay`. ``max_attempts``
     defaults to the destination's; after the last, the last transient error is raised.
     Permanent errors are raised at once.
     """
@@ -156,7 +158,7 @@ def echo_destination(destination: Destination) -> float:
             if problem:
                 raise PermanentDeliveryError(f"{destination.display}: C-ECHO: {problem}") from None
             raise TransientDeliveryError(f"{destination.display}: C-ECHO: {exc}") from None
-        if status != 0:
+        if status != STATUS_SUCCESS:
             raise TransientDeliveryError(
                 f"{destination.display}: C-ECHO answered status 0x{status & 0xFFFF:04X}", status
             )

@@ -1,45 +1,51 @@
-"""Job state machine in the state database: claim with a lease, renew, transition, finish.
+"""Leases: a job is run, or delivered, only by the worker that claimed it.
 
 At-least-once delivery of Celery messages becomes exactly-once *effects* here:
 
-* A worker may only run a job it has **claimed**: one conditional UPDATE that succeeds for a job
-  that is waiting/queued, or whose previous holder's lease has expired. A second delivery of a
-  job that runs elsewhere or is finished claims nothing and is dropped harmlessly.
-* Each claim counts an attempt. A job whose attempts keep ending without a result (the worker was
-  killed: OOM, segfault, SIGKILL) is failed with that reason once ``max_attempts`` is used up, so a
-  poison study cannot loop forever (Redis gives no delivery count).
-* The lease is renewed while the job runs; the reconciler re-dispatches a job whose lease
-  expired (its worker died) or whose message got lost.
+* A worker may only work on a job it has **claimed**: one conditional update that succeeds for a
+  job that is free in the phase asked for (waiting/queued to run; parked to deliver) or whose
+  previous holder's lease has expired. A second delivery of a message for a job that runs
+  elsewhere or is finished claims nothing and is dropped harmlessly.
+* Each claim to *run* counts an attempt. A job whose attempts keep ending without a result (the
+  worker was killed: OOM, segfault, SIGKILL) is failed with that reason once ``max_attempts`` is
+  used up, so a poison study cannot loop forever (Redis gives no delivery count).
+* The lease is renewed while the job runs (:class:`Lease`); every write a holder makes
+  (:func:`update_job` here, outputs, deliveries and timings in :mod:`dicom_node.jobs.records`)
+  checks in the same transaction that it still holds the lease, so a worker presumed dead that
+  wakes up again changes nothing.
 """
 
 from __future__ import annotations
 
-import uuid
+import logging
+import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from enum import Enum
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy import CursorResult, update
+from sqlalchemy.orm import Session
 
-from dicom_node.broker import DELIVER_TASK, DELIVERY_QUEUE, RUN_JOB_TASK
 from dicom_node.phi import reason_text
-from dicom_node.state import Database, Delivery, DeliveryState, Job, JobState, Outbox, Study, utcnow
+from dicom_node.state import Database, Job, JobState, utcnow
 
-_JOB_NAMESPACE = uuid.UUID("6d1f2b1e-8f0c-4e0f-9d7a-3a7c1f4b2e11")
+LOGGER = logging.getLogger(__name__)
 
 ACTIVE_STATES = (JobState.RUNNING.value, JobState.DELIVERING.value)
+"""States in which a job is held under a lease."""
+
+_FREE_TO_RUN = (JobState.WAITING.value, JobState.QUEUED.value)
 
 
-def job_id_for(study_instance_uid: str, input_hash: str, rule: str, model: str) -> str:
-    """Deterministic job id: the same study input, rule and model always give the same id."""
-    return str(uuid.uuid5(_JOB_NAMESPACE, f"{study_instance_uid}|{input_hash}|{rule}|{model}"))
+class LeaseLost(Exception):
+    """Our lease was taken over (we were too slow or presumed dead): stop without side effects."""
 
 
 class ClaimOutcome(str, Enum):
     CLAIMED = "claimed"
     FINISHED = "finished"  # already terminal: drop the message
-    BUSY = "busy"  # another live lease holds it: drop; the reconciler re-sends if it dies
+    BUSY = "busy"  # held by a live lease, or in another phase: drop; the reconciler re-sends
     EXHAUSTED = "exhausted"  # attempts used up: failed now
     MISSING = "missing"
 
@@ -52,44 +58,50 @@ class Claim:
 
 
 def claim(
-    db: Database,
-    job_id: str,
-    owner: str,
-    lease_seconds: float,
-    *,
-    states: tuple[str, ...] = (JobState.WAITING.value, JobState.QUEUED.value),
-    next_state: JobState = JobState.RUNNING,
-    count_attempt: bool = True,
+    db: Database, job_id: str, owner: str, lease_seconds: float, *, delivery: bool = False
 ) -> Claim:
-    """Take a job under a lease. See the module docstring for the rules."""
+    """Take a job under a lease, to run its model or (``delivery=True``) to deliver its results.
+
+    To run: a waiting/queued job, or a running one whose lease expired. To deliver: a job parked
+    in ``delivering`` (no holder), or a delivering one whose lease expired. A job in the other
+    phase is ``BUSY`` for this claim: a model worker never delivers and a delivery worker never
+    runs a model (they may be on different machines, see ``docs/deployment.md``).
+    """
     now = utcnow()
+    phase_state = JobState.DELIVERING.value if delivery else JobState.RUNNING.value
     with db.session() as s:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None:
             return Claim(ClaimOutcome.MISSING)
         if JobState(job.state).terminal:
             return Claim(ClaimOutcome.FINISHED, job.attempts, job.state)
-        takeover = job.state in ACTIVE_STATES
-        if takeover and job.lease_expires_at is not None and job.lease_expires_at > now:
+        held = job.lease_owner is not None
+        expired = job.lease_expires_at is not None and job.lease_expires_at <= now
+        if job.state == phase_state:
+            free = not held or expired
+        else:
+            free = not delivery and job.state in _FREE_TO_RUN
+        if not free:
             return Claim(ClaimOutcome.BUSY, job.attempts, job.state)
-        if job.state not in states and not takeover:
-            return Claim(ClaimOutcome.BUSY, job.attempts, job.state)
-        resume_delivery = job.state == JobState.DELIVERING.value
-        if count_attempt and not resume_delivery and job.attempts >= job.max_attempts:
-            last = "its worker was lost (killed or crashed)" if takeover else "it kept failing"
-            job.state = JobState.FAILED.value
-            job.reason = f"gave up after {job.attempts} attempts; the last attempt ended without a result: {last}"
-            job.finished_at = now
-            job.updated_at = now
-            job.lease_owner = None
-            job.lease_expires_at = None
-            return Claim(ClaimOutcome.EXHAUSTED, job.attempts, job.state)
-        if count_attempt and not resume_delivery:
+        if not delivery:
+            if job.attempts >= job.max_attempts:
+                last = "its worker was lost (killed or crashed)" if held else "it kept failing"
+                job.state = JobState.FAILED.value
+                job.reason = (
+                    f"gave up after {job.attempts} attempts; the last attempt ended without a "
+                    f"result: {last}"
+                )
+                job.finished_at = now
+                job.updated_at = now
+                job.lease_owner = None
+                job.lease_expires_at = None
+                return Claim(ClaimOutcome.EXHAUSTED, job.attempts, job.state)
             job.attempts += 1
-        job.state = (JobState.DELIVERING if resume_delivery else next_state).value
+            job.started_at = now
+        job.state = phase_state
         job.lease_owner = owner
         job.lease_expires_at = now + timedelta(seconds=lease_seconds)
-        if job.started_at is None or not resume_delivery:
+        if job.started_at is None:
             job.started_at = now
         job.updated_at = now
         return Claim(ClaimOutcome.CLAIMED, job.attempts, job.state)
@@ -107,10 +119,29 @@ def renew(db: Database, job_id: str, owner: str, lease_seconds: float) -> bool:
         return bool(cast(CursorResult[Any], result).rowcount)
 
 
-def holds(db: Database, job_id: str, owner: str) -> bool:
+def held_job(
+    s: Session, job_id: str, owner: str, states: tuple[str, ...] = ACTIVE_STATES
+) -> Job | None:
+    """The job row, locked for this transaction, if ``owner`` holds its lease in ``states``.
+
+    Every write a lease holder makes goes through this check in the same transaction as the
+    write itself (``FOR UPDATE`` on PostgreSQL; SQLite transactions start ``IMMEDIATE``).
+    """
+    job = s.get(Job, job_id, with_for_update=True)
+    if job is None or job.lease_owner != owner or job.state not in states:
+        return None
+    return job
+
+
+def holds(
+    db: Database, job_id: str, owner: str, states: tuple[str, ...] = ACTIVE_STATES
+) -> bool | None:
+    """Whether ``owner`` holds the job's lease in one of ``states``; ``None`` for no such job."""
     with db.session() as s:
         job = s.get(Job, job_id)
-        return job is not None and job.lease_owner == owner and job.state in ACTIVE_STATES
+        if job is None:
+            return None
+        return job.lease_owner == owner and job.state in states
 
 
 def update_job(db: Database, job_id: str, owner: str, **values: Any) -> bool:
@@ -126,145 +157,65 @@ def update_job(db: Database, job_id: str, owner: str, **values: Any) -> bool:
 
 
 def finish(
-    db: Database, job_id: str, owner: str, state: JobState, reason: str | None = None, **values: Any
-) -> bool:
-    """Move a job we hold to a terminal state and release the lease."""
-    now = utcnow()
-    return update_job(
-        db,
-        job_id,
-        owner,
-        state=state.value,
-        reason=reason_text(reason),
-        finished_at=now,
-        lease_owner=None,
-        lease_expires_at=None,
-        **values,
-    )
-
-
-def _hand_back(
     db: Database,
     job_id: str,
     owner: str,
+    state: JobState,
+    reason: str | None = None,
     *,
-    holding: tuple[str, ...],
-    task: str,
-    queue: str | None,
-    due: datetime,
-    **values: Any,
+    timings: dict[str, float] | None = None,
 ) -> bool:
-    """Release our lease and leave an outbox record that wakes the job again at ``due``."""
+    """Move a job we hold to a terminal state, merge ``timings`` into its stage times and release
+    the lease, in one transaction. False when we no longer hold it."""
     now = utcnow()
     with db.session() as s:
-        job = s.get(Job, job_id, with_for_update=True)
-        if job is None or job.lease_owner != owner or job.state not in holding:
+        job = held_job(s, job_id, owner)
+        if job is None:
             return False
-        for name, value in values.items():
-            setattr(job, name, value)
-        job.lease_owner = None
-        job.lease_expires_at = None
-        job.updated_at = now
-        s.add(
-            Outbox(
-                job_id=job_id,
-                task=task,
-                queue=queue or job.queue,
-                created_at=now,
-                not_before=due,
-                attempts=0,
-            )
-        )
-        return True
-
-
-def release_for_retry(db: Database, job_id: str, owner: str, reason: str, delay: float) -> bool:
-    """Give a job back after a transient error: queued again with an outbox record due later."""
-    return _hand_back(
-        db,
-        job_id,
-        owner,
-        holding=ACTIVE_STATES,
-        task=RUN_JOB_TASK,
-        queue=None,
-        due=utcnow() + timedelta(seconds=delay),
-        state=JobState.QUEUED.value,
-        reason=reason_text(reason),
-    )
-
-
-def park_for_delivery(db: Database, job_id: str, owner: str, due: datetime) -> bool:
-    """Release a delivering job until its next delivery attempt is due (no worker waits)."""
-    return _hand_back(
-        db,
-        job_id,
-        owner,
-        holding=(JobState.DELIVERING.value,),
-        task=DELIVER_TASK,
-        queue=DELIVERY_QUEUE,
-        due=due,
-    )
-
-
-def cancel(db: Database, job_id: str, reason: str = "cancelled by an operator") -> bool:
-    """Cancel a job that has not finished (a running attempt notices at its next lease renewal)."""
-    now = utcnow()
-    with db.session() as s:
-        job = s.get(Job, job_id, with_for_update=True)
-        if job is None or JobState(job.state).terminal:
-            return False
-        job.state = JobState.CANCELLED.value
-        job.reason = reason
+        if timings:
+            job.timings = {**(job.timings or {}), **timings}
+        job.state = state.value
+        job.reason = reason_text(reason)
         job.finished_at = now
         job.updated_at = now
         job.lease_owner = None
         job.lease_expires_at = None
-        s.query(Outbox).filter(Outbox.job_id == job_id).delete()
         return True
 
 
-def retry(db: Database, job_id: str) -> bool:
-    """Run a finished (failed/cancelled/done) job again from the start, with fresh attempts."""
-    now = utcnow()
-    with db.session() as s:
-        job = s.get(Job, job_id, with_for_update=True)
-        if job is None or not JobState(job.state).terminal or job.model == "-":
-            return False
-        job.state = JobState.WAITING.value
-        job.reason = None
-        job.attempts = 0
-        job.finished_at = None
-        job.lease_owner = None
-        job.lease_expires_at = None
-        job.updated_at = now
-        # Deliver again too (the PACS may have lost the objects); resends are harmless because
-        # the outputs keep their UIDs and bytes.
-        for d in job.deliveries:
-            d.state = DeliveryState.PENDING.value
-            d.attempts = 0
-            d.next_attempt_at = None
-            d.last_error = None
-        s.add(Outbox(job_id=job_id, task=RUN_JOB_TASK, queue=job.queue, created_at=now, attempts=0))
-        return True
+class Lease:
+    """Renews a claimed job's lease every third of its length while the job is worked on.
 
+    ``check()`` raises :class:`LeaseLost` once a renewal found the job taken over; the writes in
+    :mod:`dicom_node.jobs.records` refuse on their own, so ``check()`` only saves wasted work.
+    """
 
-def study_key_of(db: Database, job_id: str) -> str | None:
-    with db.session() as s:
-        return s.scalar(
-            select(Study.study_key).join(Job, Job.study_id == Study.id).where(Job.id == job_id)
-        )
+    def __init__(self, db: Database, job_id: str, owner: str, lease_seconds: float) -> None:
+        self.db = db
+        self.job_id = job_id
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id[:8]}", daemon=True)
 
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
 
-def pending_deliveries(db: Database, job_id: str) -> list[Delivery]:
-    with db.session() as s:
-        return list(
-            s.scalars(
-                select(Delivery).where(
-                    Delivery.job_id == job_id,
-                    or_(
-                        Delivery.state == DeliveryState.PENDING.value,
-                        Delivery.state == DeliveryState.RETRY.value,
-                    ),
-                )
-            )
-        )
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                if not renew(self.db, self.job_id, self.owner, self.lease_seconds):
+                    self.lost.set()
+                    return
+            except Exception:
+                LOGGER.warning("lease renewal failed (database unreachable?)")
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LeaseLost()

@@ -1,7 +1,7 @@
 """The benchmark CT: a 512x512 chest phantom from ``dicom-node synth``, written once and reused.
 
 Every benchmark run sends the same bytes (Explicit VR Little Endian, 16-bit, about 525 KB per
-slice, 158 MB for 300 slices, the shape ``research/performance.md`` §1 measured). No patient data.
+slice, 158 MB for 300 slices: a thin-slice chest CT series). No patient data.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A minimal durable pynetdicom storage SCP: the framework's floor for the ingest benchmark.
 
-What ``research/performance.md`` §2 called "(e)": the encoded dataset written as received to
+The floor ``bench_ingest.py`` compares the node with: the encoded dataset written as received to
 ``<n>.dcm`` and fsynced before answering success, 128 KiB PDUs, pynetdicom's handler logging off.
 No validation, no index, no duplicate handling: what any pynetdicom receiver costs at least.
 

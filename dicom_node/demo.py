@@ -236,7 +236,7 @@ def run_demo(
     log(f"sent {len(outcomes)} instances; waiting for the job")
 
     db = Database(f"sqlite:///{(data_dir / 'var' / 'state.sqlite').resolve()}")
-    from dicom_node.api.jobs import get_job, list_jobs
+    from dicom_node.api.job_views import get_job, list_jobs
 
     job: dict[str, Any] = {}
     deadline = time.monotonic() + timeout

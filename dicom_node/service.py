@@ -306,11 +306,3 @@ class NodeService:
                 conn.close()
         self._receivers.clear()
         self._ready.clear()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True

@@ -2,7 +2,7 @@
 
 Every server binds 127.0.0.1 on a free port, is started from its own config in a temporary
 directory, and is stopped by PID. Orthanc 1.10 has no bind-address option, so it runs with an
-LD_PRELOAD shim that turns bind(0.0.0.0) into bind(127.0.0.1) (``research/peers.md`` §7).
+LD_PRELOAD shim that turns bind(0.0.0.0) into bind(127.0.0.1) (``dicom_node/loopback_bind.c``).
 """
 
 from __future__ import annotations

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.models.lung_nodules import FEATURE_NAMES, Candidates, LungNoduleDetector
-from workers.models.nodule_classifier import PATCH, PATCH_RADII, FeatureMlp, FpReducer, PatchCnn
-from workers.models.train_fp_reduction import (
+from training.train_fp_reduction import (
     CLEAN_MARGIN,
     JITTER_SCALE,
     JITTER_SHIFT,
@@ -27,7 +25,9 @@ from workers.models.train_fp_reduction import (
     main,
     phantom_volume,
 )
-from workers.volume import uniform_grid
+from workers.grid import uniform_grid
+from workers.models.lung_nodules import FEATURE_NAMES, Candidates, LungNoduleDetector
+from workers.models.nodule_classifier import PATCH, PATCH_RADII, FeatureMlp, FpReducer, PatchCnn
 
 RADIUS_MM = 5.0
 
@@ -38,7 +38,11 @@ def _one_nodule() -> Candidates:
     k, j, i = np.indices(shape)
     hu = np.full(shape, -850.0, dtype=np.float32)
     hu[(k - 24) ** 2 + (j - 32) ** 2 + (i - 32) ** 2 <= RADIUS_MM**2] = 0.0
-    geometry = {"pixel_spacing_mm": 1.0, "slice_thickness_mm": 1.0, "first_position_mm": [0.0, 0.0, 47.0]}
+    geometry = {
+        "pixel_spacing_mm": 1.0,
+        "slice_thickness_mm": 1.0,
+        "first_position_mm": [0.0, 0.0, 47.0],
+    }
     volume = phantom_volume(hu, {"geometry": geometry})
     return Candidates(
         points=np.array([[24, 32, 32]]),
@@ -140,8 +144,15 @@ def test_context_channels_see_the_same_centre_on_a_wider_cube(tmp_path: Path) ->
     n = len(FEATURE_NAMES)
     torch.manual_seed(3)
     pt = tmp_path / "fp.pt"
-    torch.save({"stage1": FeatureMlp(n).state_dict(), "stage2": PatchCnn(n, channels=4).state_dict()}, pt)
-    card = {"file": pt.name, "sha256": hashlib.sha256(pt.read_bytes()).hexdigest(), "features": list(FEATURE_NAMES), "context": 2.0}
+    torch.save(
+        {"stage1": FeatureMlp(n).state_dict(), "stage2": PatchCnn(n, channels=4).state_dict()}, pt
+    )
+    card = {
+        "file": pt.name,
+        "sha256": hashlib.sha256(pt.read_bytes()).hexdigest(),
+        "features": list(FEATURE_NAMES),
+        "context": 2.0,
+    }
     (tmp_path / "fp.json").write_text(json.dumps(card))
     reducer = FpReducer.load(tmp_path / "fp.json")
     assert reducer.context == 2.0
@@ -176,10 +187,15 @@ def test_hard_negatives_are_the_false_candidates_on_thick_branch_points_and_ends
     assert hard_negatives(centres, radius, hit, landmarks[:0], 1.25).tolist() == []
 
 
-def test_plain_members_need_context_and_a_member_with_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plain_members_need_context_and_a_member_with_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``--plain-members`` (ensemble members without the context channels) is refused before any
     work when no member would keep the context, or there is no context to leave out."""
-    for args in (["--ensemble", "2", "--plain-members", "1"], ["--context", "2", "--ensemble", "2", "--plain-members", "2"]):
+    for args in (
+        ["--ensemble", "2", "--plain-members", "1"],
+        ["--context", "2", "--ensemble", "2", "--plain-members", "2"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["--cache", str(tmp_path / "cache"), *args])
         assert exit_info.value.code == 2
@@ -187,7 +203,9 @@ def test_plain_members_need_context_and_a_member_with_it(tmp_path: Path, capsys:
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_clean_rate_outside_zero_to_one_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_clean_rate_outside_zero_to_one_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for rate in ("-0.1", "1"):
         with pytest.raises(SystemExit) as exit_info:
             main(["--cache", str(tmp_path / "cache"), "--clean-rate", rate])

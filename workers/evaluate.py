@@ -22,7 +22,7 @@ import os
 import resource
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,9 @@ Select = Callable[[dict[str, Any]], bool]
 SUBSETS: dict[str, Select] = {
     "all": lambda n: True,
     "all_ge_4mm": lambda n: float(n["diameter_mm"]) >= 4.0,
-    "solid_ge_5mm": lambda n: float(n["diameter_mm"]) >= 5.0 and n.get("type") in ("solid", "juxtapleural"),
+    "solid_ge_5mm": lambda n: (
+        float(n["diameter_mm"]) >= 5.0 and n.get("type") in ("solid", "juxtapleural")
+    ),
 }
 """The nodule subsets the FROC is reported for (issue 5's targets use the last two)."""
 
@@ -89,7 +91,9 @@ def match(scan: ScanResult, which: str = "candidates") -> np.ndarray:
     return _assign(pts, scan.nodules)
 
 
-def froc(scans: Sequence[ScanResult], select: Select | None = None, rates: Sequence[float] = FP_RATES) -> dict[str, Any]:
+def froc(
+    scans: Sequence[ScanResult], select: Select | None = None, rates: Sequence[float] = FP_RATES
+) -> dict[str, Any]:
     """FROC over ``scans`` for the nodules ``select`` accepts (all when None)."""
     select = select or (lambda n: True)
     events: list[tuple[float, int, tuple[int, int] | None]] = []  # (score, is_fp, nodule key)
@@ -234,7 +238,11 @@ def load_study(folder: Path, requirements: Any) -> tuple[Any, list[dict[str, Any
     from workers.volume import load_series, read_header
 
     truth = json.loads((folder / TRUTH_FILE).read_text())
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != TRUTH_FILE and not p.name.startswith(".")]
+    files = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != TRUTH_FILE and not p.name.startswith(".")
+    ]
     headers: dict[str, list[Any]] = {}
     paths: dict[str, list[Path]] = {}
     for f in files:
@@ -247,7 +255,9 @@ def load_study(folder: Path, requirements: Any) -> tuple[Any, list[dict[str, Any
         paths.setdefault(uid, []).append(f)
     chosen = select_series(headers, requirements)
     if chosen.series_instance_uid is None:
-        raise ValueError(f"{folder.name}: no series qualifies ({'; '.join(chosen.reasons.values())})")
+        raise ValueError(
+            f"{folder.name}: no series qualifies ({'; '.join(chosen.reasons.values())})"
+        )
     return load_series(paths[chosen.series_instance_uid]), list(truth.get("nodules", []))
 
 
@@ -303,14 +313,19 @@ class Report:
             "created": self.created,
             "load_average_at_start": self.load_average,
             "scans": len(scans),
-            "froc": {name: {k: v for k, v in froc(scans, sel).items() if k != "curve"} for name, sel in subsets.items()},
+            "froc": {
+                name: {k: v for k, v in froc(scans, sel).items() if k != "curve"}
+                for name, sel in subsets.items()
+            },
             "operating_point": {name: operating_point(scans, sel) for name, sel in subsets.items()},
             "breakdown": breakdown(scans),
             "runtime": {
                 "detector_seconds_median": round(float(np.median(det)), 3) if det.size else None,
                 "detector_seconds_max": round(float(det.max()), 3) if det.size else None,
                 "detector_seconds_mean": round(float(det.mean()), 3) if det.size else None,
-                "load_seconds_median": round(float(np.median([s.load_seconds for s in scans])), 3) if scans else None,
+                "load_seconds_median": round(float(np.median([s.load_seconds for s in scans])), 3)
+                if scans
+                else None,
                 "peak_rss_mb_max": round(max(rss), 1) if rss else None,
                 "device": scans[0].device if scans else None,
             },
@@ -398,8 +413,3 @@ def plot_froc(scans: Sequence[ScanResult], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def scan_to_json(scan: ScanResult) -> dict[str, Any]:
-    """A scan's raw results (for caching or debugging)."""
-    return asdict(scan)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -15,18 +15,16 @@ User = Annotated[str, Depends(authenticate)]
 
 
 def get_settings(request: Request) -> Settings:
+    """The node's settings, loaded once at start-up (``SettingsDep``)."""
     settings: Settings = request.app.state.settings
     return settings
 
 
 def get_db(request: Request) -> Database:
+    """The state database of this app (``DatabaseDep``)."""
     db: Database = request.app.state.db
     return db
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_db)]
-
-
-def app_state(request: Request, name: str, default: Any = None) -> Any:
-    return getattr(request.app.state, name, default)

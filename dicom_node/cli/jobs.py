@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
 
         from dicom_node import audit
         from dicom_node import jobs as jobstate
-        from dicom_node.api import jobs as views
+        from dicom_node.api import job_views as views
         from dicom_node.cli import EXIT_FAILED, state
         from dicom_node.state import open_database
 

@@ -7,7 +7,7 @@
   without bridging the mediastinum (closing each 2D component on its own never merges the
   trachea with a lung).
 * :func:`blob_response` — scale-normalised Laplacian of Gaussian over several scales through
-  the FFT (one forward transform, one inverse per scale). ``research/performance.md`` §5:
+  the FFT (one forward transform, one inverse per scale). Why the FFT:
   a separable ``conv3d`` LoG over 300x512² took 92 s and 7 GiB on 2 cores, the FFT form 3.8 s.
 * :func:`local_maxima` — peaks of the response inside the mask via ``max_pool3d``.
 * :func:`hessian_at` — Hessian eigenvalues of the smoothed image at given points only, by

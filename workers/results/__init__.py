@@ -1,11 +1,13 @@
 """Result encoding: a detection result becomes DICOM objects the PACS and the viewer accept.
 
-The pipeline calls::
+The job pipeline (``workers/pipeline.py``) calls::
 
-    objects = encode_results(volume, result, job)          # SR (+ SEG), checked by the gate
+    objects = encode_results(volume, result, job, options)  # SR (+ SEG), checked by the gate
     paths = write_results(objects, job_result_dir)          # stored before any delivery
-    ...                                                     # later, for every (re)send:
-    objects = load_results(job_result_dir)                  # byte-identical to the first time
+
+Every (re)send then ships those files as they are (``dicom_node.delivery.deliver`` reads the
+stored bytes), so a resend is byte-identical to the first. :func:`load_results` reads them
+back as :class:`EncodedObject` for callers that want the datasets again.
 
 * ``"sr"``: the TID 1500 Comprehensive 3D SR for viewers (always one; says "without findings"
   when there are none).

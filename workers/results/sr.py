@@ -11,7 +11,7 @@ The *viewer SR* holds one TID 1410 "Planar ROI Measurements" group per finding:
 * the algorithm identification (name, version, family, manufacturer).
 
 It never contains SCOORD3D or SEG-referencing (volumetric) groups: OHIF 3.13 shows a black
-viewport for the whole SR when one such group is present (``research/peers.md`` §6.1). Those
+viewport for the whole SR when one such group is present (a TypeError in its SR viewport). Those
 go into the optional *volumetric SR* (:func:`build_volumetric_sr`), a separate series.
 
 Every report also carries a "Qualitative Evaluations" container (TID 1500 row 12) with
@@ -296,7 +296,7 @@ def build_volumetric_sr(
         finding = result.findings[ref.finding_index]
         # highdicom 0.28.2: ReferencedSegment.from_segmentation() fails on its own
         # single-segment SEG (SegmentIdentificationSequence sits in the shared functional
-        # groups), so the reference is built from its parts (research/peers.md §3.3).
+        # groups), so the reference is built from its parts.
         referenced = hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from dicom_node import audit
 from dicom_node import jobs as jobstate
-from dicom_node.api import jobs as job_views
+from dicom_node.api import job_views
 from dicom_node.api.deps import DatabaseDep, SettingsDep, User
 from dicom_node.api.security import cross_site
 from dicom_node.state import Job, JobState, Study

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 
-from dicom_node.api import jobs as job_views
+from dicom_node.api import job_views
 from dicom_node.api.deps import DatabaseDep, User
 
 router = APIRouter(prefix="/api", tags=["jobs"])

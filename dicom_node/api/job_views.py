@@ -1,4 +1,6 @@
-"""Job views shared by the JSON API and ``dicom-node jobs`` (patient-free)."""
+"""Job views: the patient-free JSON form of a job, shared by ``/api/jobs`` (routes/jobs.py),
+the dashboard, ``dicom-node jobs`` and the demo. The job's state transitions live in
+:mod:`dicom_node.jobs`; this module only reads."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def job_view(job: Job, study: Study, *, detail: bool = False) -> dict[str, Any]:
+    """``job`` as JSON; ``detail`` adds the Study Instance UID, inputs, lease, summary, outputs
+    and deliveries (the ``GET /api/jobs/{id}`` form)."""
     view: dict[str, Any] = {
         "id": job.id,
         "state": job.state,
@@ -118,6 +122,7 @@ def list_jobs(
 
 
 def get_job(s: Session, job_id: str) -> dict[str, Any] | None:
+    """The detailed view of job ``job_id``, or None when there is no such job."""
     row = s.execute(
         select(Job, Study)
         .join(Study, Study.id == Job.study_id)

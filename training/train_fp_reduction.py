@@ -4,9 +4,13 @@ This script produced ``workers/models/weights/lung_nodules_fp.pt`` and its card
 ``lung_nodules_fp.json`` (which records the command line, the seeds, the data counts and the
 validation figures). Run it again to reproduce or retrain::
 
-    python -m workers.models.train_fp_reduction \\
+    python -m training.train_fp_reduction \\
         --train-seeds 1000-1039 --val-seeds 1040-1047 --cache /tmp/fp-cache \\
         --out workers/models/weights
+
+(The shipped card records its command as ``python -m workers.models.train_fp_reduction``: the
+script lived in the worker package then. It is kept out of the package now, since the worker
+only loads the weights.)
 
 What it does:
 
@@ -60,10 +64,11 @@ import torch.nn.functional as F
 
 from dicom_node.synth import PhantomSpec, make_phantom
 from workers.evaluate import SUBSETS, Candidate, ScanResult, _assign, froc
+from workers.grid import uniform_grid
 from workers.models import nodule_ops as ops
-from workers.models.lung_nodules import FEATURE_NAMES, Candidates, LungNoduleDetector
+from workers.models.lung_nodules import FEATURE_NAMES, WEIGHTS, Candidates, LungNoduleDetector
 from workers.models.nodule_classifier import FeatureMlp, FpReducer, PatchCnn
-from workers.volume import SourceSlice, Volume, uniform_grid
+from workers.volume import SourceSlice, Volume
 
 RESERVED_SEEDS = 9000
 """Seeds from here on belong to the benchmark."""
@@ -104,7 +109,10 @@ def phantom_volume(hu: np.ndarray, truth: dict[str, Any]) -> Volume:
     affine[:3, 3] = positions[0]
     return Volume(
         array=array,
-        slices=[SourceSlice(f"phantom-{k}", "1.2.840.10008.5.1.4.1.1.2", None, None) for k in range(k_count)],
+        slices=[
+            SourceSlice(f"phantom-{k}", "1.2.840.10008.5.1.4.1.1.2", None, None)
+            for k in range(k_count)
+        ],
         positions=positions,
         orientation=np.array([1.0, 0, 0, 0, 1, 0]),
         pixel_spacing=(px, px),
@@ -117,7 +125,9 @@ def phantom_volume(hu: np.ndarray, truth: dict[str, Any]) -> Volume:
     )
 
 
-def load_phantom(seed: int, cache: Path, nodules: int, juxtavascular: float = 0.0) -> tuple[np.ndarray, dict[str, Any]]:
+def load_phantom(
+    seed: int, cache: Path, nodules: int, juxtavascular: float = 0.0
+) -> tuple[np.ndarray, dict[str, Any]]:
     """The phantom of ``seed``: from the cache, or generated and cached."""
     arr_path, truth_path = cache / f"phantom-{seed}.npy", cache / f"phantom-{seed}.json"
     vessels_path = cache / f"vessels-{seed}.npy"
@@ -147,7 +157,9 @@ class ScanData:
     cands_path: Path
 
 
-def collect(seed: int, cache: Path, detector: LungNoduleDetector, nodules: int, juxtavascular: float = 0.0) -> ScanData:
+def collect(
+    seed: int, cache: Path, detector: LungNoduleDetector, nodules: int, juxtavascular: float = 0.0
+) -> ScanData:
     """Candidates and features of one phantom (cached as ``cands-<seed>.npz``)."""
     path = cache / f"cands-{seed}.npz"
     hu, truth = load_phantom(seed, cache, nodules, juxtavascular)
@@ -179,10 +191,14 @@ def collect(seed: int, cache: Path, detector: LungNoduleDetector, nodules: int, 
 
 def _source_ijk(points: np.ndarray, factor: int) -> np.ndarray:
     p = points.astype(np.float64)
-    return np.stack([p[:, 0], p[:, 1] * factor + (factor - 1) / 2, p[:, 2] * factor + (factor - 1) / 2], axis=1)
+    return np.stack(
+        [p[:, 0], p[:, 1] * factor + (factor - 1) / 2, p[:, 2] * factor + (factor - 1) / 2], axis=1
+    )
 
 
-def _index_to_patient(truth: dict[str, Any], k_count: int, ijk: np.ndarray) -> tuple[float, float, float]:
+def _index_to_patient(
+    truth: dict[str, Any], k_count: int, ijk: np.ndarray
+) -> tuple[float, float, float]:
     g = truth["geometry"]
     px, dz = float(g["pixel_spacing_mm"]), float(g["slice_thickness_mm"])
     x0, y0, z_top = g["first_position_mm"]
@@ -228,13 +244,19 @@ def jittered_patches(
         shift_mm = rng.uniform(-JITTER_SHIFT, JITTER_SHIFT, (len(which), 3)) * radius[:, None]
         moved = replace(cands, offsets=cands.offsets.copy(), radius_mm=cands.radius_mm.copy())
         moved.offsets[which] += shift_mm / np.asarray(cands.spacing)
-        moved.radius_mm[which] = radius * np.exp(rng.uniform(-JITTER_SCALE, JITTER_SCALE, len(which)))
+        moved.radius_mm[which] = radius * np.exp(
+            rng.uniform(-JITTER_SCALE, JITTER_SCALE, len(which))
+        )
         out.append(detector.patches(moved, which, context=context))
     return out
 
 
 def hard_negatives(
-    centres_mm: np.ndarray, radius_mm: np.ndarray, hit: np.ndarray, landmarks: np.ndarray, min_radius_mm: float
+    centres_mm: np.ndarray,
+    radius_mm: np.ndarray,
+    hit: np.ndarray,
+    landmarks: np.ndarray,
+    min_radius_mm: float,
 ) -> np.ndarray:
     """Indices of the candidates that hit no nodule and whose sphere (centre, ``radius_mm``)
     reaches a branch point or free end of a vessel at least ``min_radius_mm`` thick
@@ -284,7 +306,12 @@ def _augment(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_stage2(
-    patches: torch.Tensor, features: np.ndarray, labels: np.ndarray, *, epochs: int = 25, seed: int = 0
+    patches: torch.Tensor,
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    epochs: int = 25,
+    seed: int = 0,
 ) -> PatchCnn:
     torch.manual_seed(seed)
     f = torch.from_numpy(features.astype(np.float32))
@@ -304,7 +331,9 @@ def train_stage2(
         for start in range(0, len(y), 128):
             idx = order[start : start + 128]
             opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(model(_augment(patches[idx], gen), f[idx]), y[idx], pos_weight=weight)
+            loss = F.binary_cross_entropy_with_logits(
+                model(_augment(patches[idx], gen), f[idx]), y[idx], pos_weight=weight
+            )
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
@@ -327,7 +356,9 @@ def validate(
             ScanResult(
                 name=str(seed),
                 nodules=truth["nodules"],
-                candidates=[Candidate(tuple(c["center_mm"]), c["score"]) for c in result.extra["candidates"]],
+                candidates=[
+                    Candidate(tuple(c["center_mm"]), c["score"]) for c in result.extra["candidates"]
+                ],
                 findings=[],
             )
         )
@@ -336,7 +367,9 @@ def validate(
     return f_all, f_solid
 
 
-def clean_scores(detector: LungNoduleDetector, reducer: FpReducer, seeds: list[int], cache: Path) -> list[float]:
+def clean_scores(
+    detector: LungNoduleDetector, reducer: FpReducer, seeds: list[int], cache: Path
+) -> list[float]:
     """The highest candidate score on each nodule-free phantom of ``seeds`` (0.0 when the
     detector lists no candidate): what the threshold must stay above to keep a normal chest
     free of findings."""
@@ -346,7 +379,9 @@ def clean_scores(detector: LungNoduleDetector, reducer: FpReducer, seeds: list[i
         hu, truth = load_phantom(seed, cache, 0)
         if truth["nodules"]:
             # The cache is keyed by seed only: an earlier run may have used this seed with nodules.
-            raise ValueError(f"the cached phantom of seed {seed} in {cache} has nodules; use another seed or cache")
+            raise ValueError(
+                f"the cached phantom of seed {seed} in {cache} has nodules; use another seed or cache"
+            )
         result = detector.predict(phantom_volume(hu, truth))
         out.append(max((float(c["score"]) for c in result.extra["candidates"]), default=0.0))
     return out
@@ -369,7 +404,10 @@ def clean_bound(clean: Sequence[float], clean_rate: float) -> tuple[float, int] 
 
 
 def calibrate_threshold(
-    curve: dict[str, list[float]], target_fp: float, clean: Sequence[float] = (), clean_rate: float = 0.0
+    curve: dict[str, list[float]],
+    target_fp: float,
+    clean: Sequence[float] = (),
+    clean_rate: float = 0.0,
 ) -> tuple[float, str]:
     """The operating threshold and the rule that set it.
 
@@ -386,8 +424,10 @@ def calibrate_threshold(
         score, allowed = bound
         threshold = score + CLEAN_MARGIN
         if allowed:
-            rule = (f"above the nodule-free validation chests, all but {allowed} of {len(clean)} "
-                    f"(at most {clean_rate:g} of them with a finding)")
+            rule = (
+                f"above the nodule-free validation chests, all but {allowed} of {len(clean)} "
+                f"(at most {clean_rate:g} of them with a finding)"
+            )
         else:
             rule = "above the highest score on the nodule-free validation chests"
     clamped = min(max(threshold, 0.05), 0.99)
@@ -408,7 +448,9 @@ def _seeds(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--train-seeds", default="1000-1039")
     ap.add_argument("--val-seeds", default="1040-1047")
     ap.add_argument("--nodules", type=int, default=12, help="nodules per phantom")
@@ -419,12 +461,15 @@ def main(argv: list[str] | None = None) -> int:
         help="share of training nodules placed against a vessel (hard examples; validation phantoms keep natural placement)",
     )
     ap.add_argument("--cache", type=Path, required=True, help="folder for phantoms and candidates")
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("weights"))
+    ap.add_argument("--out", type=Path, default=WEIGHTS.parent)
     ap.add_argument("--top-k", type=int, default=500)
     ap.add_argument("--epochs1", type=int, default=30)
     ap.add_argument("--epochs2", type=int, default=30)
     ap.add_argument(
-        "--jitter", type=int, default=0, help="extra patches per positive candidate, from moved centres and scales"
+        "--jitter",
+        type=int,
+        default=0,
+        help="extra patches per positive candidate, from moved centres and scales",
     )
     ap.add_argument(
         "--hard-negatives",
@@ -433,13 +478,24 @@ def main(argv: list[str] | None = None) -> int:
         help="extra (moved) patches per stage-2 candidate on a thick vessel's branch point or end, as negatives",
     )
     ap.add_argument(
-        "--hard-min-radius", type=float, default=1.25, help="vessel radius (mm) from which its branch points and free ends count as hard"
+        "--hard-min-radius",
+        type=float,
+        default=1.25,
+        help="vessel radius (mm) from which its branch points and free ends count as hard",
     )
     ap.add_argument("--views", type=int, default=4, help="test-time views of each stage-2 patch")
     ap.add_argument(
-        "--context", type=float, default=0.0, help="also give stage 2 a cube this many times wider (0: none)"
+        "--context",
+        type=float,
+        default=0.0,
+        help="also give stage 2 a cube this many times wider (0: none)",
     )
-    ap.add_argument("--ensemble", type=int, default=1, help="stage-2 CNNs trained from different seeds (logits averaged)")
+    ap.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        help="stage-2 CNNs trained from different seeds (logits averaged)",
+    )
     ap.add_argument(
         "--plain-members",
         type=int,
@@ -458,14 +514,22 @@ def main(argv: list[str] | None = None) -> int:
         help="share of the --clean-seeds chests allowed a finding at the threshold (0: none; "
         "with many chests, their single highest score is an outlier the threshold need not clear)",
     )
-    ap.add_argument("--target-fp", type=float, default=0.5, help="validation FP/scan at the operating point")
+    ap.add_argument(
+        "--target-fp", type=float, default=0.5, help="validation FP/scan at the operating point"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_seeds, val_seeds, clean_seeds = _seeds(args.train_seeds), _seeds(args.val_seeds), _seeds(args.clean_seeds)
+    train_seeds, val_seeds, clean_seeds = (
+        _seeds(args.train_seeds),
+        _seeds(args.val_seeds),
+        _seeds(args.clean_seeds),
+    )
     if any(s >= RESERVED_SEEDS for s in train_seeds + val_seeds + clean_seeds):
         ap.error(f"seeds from {RESERVED_SEEDS} on are reserved for the benchmark")
-    if len({*train_seeds, *val_seeds, *clean_seeds}) != len(train_seeds) + len(val_seeds) + len(clean_seeds):
+    if len({*train_seeds, *val_seeds, *clean_seeds}) != len(train_seeds) + len(val_seeds) + len(
+        clean_seeds
+    ):
         ap.error("training, validation and nodule-free seeds overlap")
     if not 0.0 <= args.clean_rate < 1.0:
         ap.error("--clean-rate is a share from 0 up to (not including) 1")
@@ -474,7 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.context and args.context <= 1.0:
         ap.error("--context is a side factor above 1 (or 0 for none)")
     if args.plain_members and (not args.context or not 0 < args.plain_members < args.ensemble):
-        ap.error("--plain-members needs --context and leaves at least one of the --ensemble CNNs with context")
+        ap.error(
+            "--plain-members needs --context and leaves at least one of the --ensemble CNNs with context"
+        )
     args.cache.mkdir(parents=True, exist_ok=True)
     started = time.time()
     detector = LungNoduleDetector(weights=None, threshold=0.0)
@@ -487,8 +553,11 @@ def main(argv: list[str] | None = None) -> int:
         share = args.juxtavascular if seed in train_seeds else 0.0
         data[seed] = collect(seed, args.cache, detector, args.nodules, share)
         d = data[seed]
-        print(f"  seed {seed}: {len(d.hit)} candidates, {int((d.hit >= 0).sum())} on nodules, "
-              f"{len(set(d.hit[d.hit >= 0].tolist()))}/{len(d.truth['nodules'])} nodules reachable ({time.time() - t:.1f} s)", flush=True)
+        print(
+            f"  seed {seed}: {len(d.hit)} candidates, {int((d.hit >= 0).sum())} on nodules, "
+            f"{len(set(d.hit[d.hit >= 0].tolist()))}/{len(d.truth['nodules'])} nodules reachable ({time.time() - t:.1f} s)",
+            flush=True,
+        )
 
     print("stage 1", flush=True)
     stage1 = train_stage1([data[s] for s in train_seeds], epochs=args.epochs1)
@@ -506,7 +575,10 @@ def main(argv: list[str] | None = None) -> int:
         volume = phantom_volume(hu, truth)
         cands = rebuild_candidates(d, volume)
         top = np.argsort(-reducer.stage1_scores(d.features))[: args.top_k]
-        recall.append(len(set(d.hit[top][d.hit[top] >= 0].tolist())) / max(1, len(set(d.hit[d.hit >= 0].tolist()))))
+        recall.append(
+            len(set(d.hit[top][d.hit[top] >= 0].tolist()))
+            / max(1, len(set(d.hit[d.hit >= 0].tolist())))
+        )
         all_patches.append(detector.patches(cands, top, context=context))
         all_feats.append(d.features[top])
         all_labels.append((d.hit[top] >= 0).astype(np.float32))
@@ -516,7 +588,15 @@ def main(argv: list[str] | None = None) -> int:
                 all_patches.append(extra)
                 all_feats.append(d.features[positive])
                 all_labels.append(np.ones(len(positive), dtype=np.float32))
-        hard = top[hard_negatives(d.centres_mm[top], cands.radius_mm[top], d.hit[top], vessel_landmarks(seed, args.cache), args.hard_min_radius)]
+        hard = top[
+            hard_negatives(
+                d.centres_mm[top],
+                cands.radius_mm[top],
+                d.hit[top],
+                vessel_landmarks(seed, args.cache),
+                args.hard_min_radius,
+            )
+        ]
         hard_count += len(hard)
         if args.hard_negatives and len(hard):
             for extra in jittered_patches(detector, cands, hard, args.hard_negatives, rng, context):
@@ -524,28 +604,47 @@ def main(argv: list[str] | None = None) -> int:
                 all_feats.append(d.features[hard])
                 all_labels.append(np.zeros(len(hard), dtype=np.float32))
         del volume, cands
-    print(f"  stage-1 recall of reachable nodules within top {args.top_k}: {np.mean(recall):.3f}", flush=True)
+    print(
+        f"  stage-1 recall of reachable nodules within top {args.top_k}: {np.mean(recall):.3f}",
+        flush=True,
+    )
     patches = torch.cat(all_patches)
     feats = np.concatenate(all_feats)
     labels = np.concatenate(all_labels)
-    print(f"  {len(labels)} patches, {int(labels.sum())} positive, {hard_count} candidates on thick vessels' branch points or ends", flush=True)
+    print(
+        f"  {len(labels)} patches, {int(labels.sum())} positive, {hard_count} candidates on thick vessels' branch points or ends",
+        flush=True,
+    )
     stage2 = []
     for member in range(args.ensemble):
         t = time.time()
         member_patches = patches[:, :2] if member < args.plain_members else patches
         stage2.append(train_stage2(member_patches, feats, labels, epochs=args.epochs2, seed=member))
-        print(f"  stage-2 model {member + 1}/{args.ensemble} trained ({time.time() - t:.0f} s)", flush=True)
+        print(
+            f"  stage-2 model {member + 1}/{args.ensemble} trained ({time.time() - t:.0f} s)",
+            flush=True,
+        )
     channels = [m.channels for m in stage2]
     mixed = {"stage2_channels": channels} if len(set(channels)) > 1 else {}
     reducer = FpReducer(
-        stage1, stage2, FEATURE_NAMES, top_k=args.top_k, card={"views": args.views, "context": context, **mixed}
+        stage1,
+        stage2,
+        FEATURE_NAMES,
+        top_k=args.top_k,
+        card={"views": args.views, "context": context, **mixed},
     )
 
     print("validation", flush=True)
     first_model: dict[str, Any] | None = None
     if len(stage2) > 1:
         # The same scans scored by the first model alone, so the card shows what the ensemble adds.
-        single = FpReducer(stage1, stage2[:1], FEATURE_NAMES, top_k=args.top_k, card={"views": args.views, "context": context if channels[0] == 4 else None})
+        single = FpReducer(
+            stage1,
+            stage2[:1],
+            FEATURE_NAMES,
+            top_k=args.top_k,
+            card={"views": args.views, "context": context if channels[0] == 4 else None},
+        )
         single_all, single_solid = validate(detector, single, val_seeds, args.cache, args.nodules)
         print(f"  first model alone: all >= 4 mm: {single_all['sensitivity_at']}", flush=True)
         print(f"  first model alone: solid >= 5 mm: {single_solid['sensitivity_at']}", flush=True)
@@ -564,7 +663,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     pt_path = args.out / "lung_nodules_fp.pt"
-    stage2_states: Any = [m.state_dict() for m in stage2] if len(stage2) > 1 else stage2[0].state_dict()
+    stage2_states: Any = (
+        [m.state_dict() for m in stage2] if len(stage2) > 1 else stage2[0].state_dict()
+    )
     torch.save({"stage1": stage1.state_dict(), "stage2": stage2_states}, pt_path)
     digest = hashlib.sha256(pt_path.read_bytes()).hexdigest()
     card = {
@@ -583,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": round(threshold, 5),
         "threshold_rule": rule,
         "training": {
-            "command": "python -m workers.models.train_fp_reduction " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m training.train_fp_reduction "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
             "train_seeds": args.train_seeds,
             "val_seeds": args.val_seeds,
             "nodules_per_phantom": args.nodules,

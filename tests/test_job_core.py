@@ -49,16 +49,21 @@ def _counts(db: Any, job_id: str) -> tuple[int, int]:
     return int(outputs or 0), int(deliveries or 0)
 
 
+def _job_for_two_destinations(receiver: Any, tmp_path: Path) -> str:
+    port = receiver.server.server_address[1]
+    assert storescu(port, ct_series(tmp_path / "s", slices=4, size=32), aet=receiver.settings.ae_title).returncode == 0
+    (job_id,) = complete_due_studies(receiver.db, receiver.settings, now=utcnow() + timedelta(seconds=60))
+    with receiver.db.session() as s:
+        s.get(Job, job_id).destinations = ["pacs", "archive"]
+        s.query(Outbox).delete()
+    return str(job_id)
+
+
 def test_a_worker_whose_lease_was_taken_over_writes_no_outputs_or_deliveries(
     receiver: Any, tmp_path: Path
 ) -> None:
-    port = receiver.server.server_address[1]
-    assert storescu(port, ct_series(tmp_path / "s", slices=4, size=32), aet=receiver.settings.ae_title).returncode == 0
     db = receiver.db
-    (job_id,) = complete_due_studies(db, receiver.settings, now=utcnow() + timedelta(seconds=60))
-    with db.session() as s:
-        s.get(Job, job_id).destinations = ["pacs", "archive"]
-        s.query(Outbox).delete()
+    job_id = _job_for_two_destinations(receiver, tmp_path)
 
     # The model phase: OLD claims, stalls past its lease, NEW takes over.
     assert jobs.claim(db, job_id, OLD, 60).outcome is jobs.ClaimOutcome.CLAIMED
@@ -108,6 +113,24 @@ def test_a_worker_whose_lease_was_taken_over_writes_no_outputs_or_deliveries(
         assert job.state == JobState.DONE.value
         assert job.timings == {"detect": 2.0, "deliver": 0.5}
         assert all(d.state == DeliveryState.DONE.value and d.delivered_at for d in job.deliveries)
+
+
+def test_a_worker_that_shares_the_store_keeps_the_lease_to_deliver_at_once(receiver: Any, tmp_path: Path) -> None:
+    db = receiver.db
+    job_id = _job_for_two_destinations(receiver, tmp_path)
+    assert jobs.claim(db, job_id, NEW, 60).outcome is jobs.ClaimOutcome.CLAIMED
+    recorded = jobs.record_outputs(db, job_id, NEW, _outputs(), summary={}, timings={}, lease_seconds=60)
+    assert recorded is jobs.Recorded.DELIVERING
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.DELIVERING.value and job.lease_owner == NEW
+        assert s.scalar(select(func.count()).select_from(Outbox).where(Outbox.job_id == job_id)) == 0
+    # Nobody else may deliver while the lease lives; once it expires (the worker died), the
+    # delivery queue's worker takes over.
+    assert jobs.claim(db, job_id, "central:1", 60, delivery=True).outcome is jobs.ClaimOutcome.BUSY
+    _expire(db, job_id)
+    assert jobs.claim(db, job_id, "central:1", 60, delivery=True).outcome is jobs.ClaimOutcome.CLAIMED
+    assert not jobs.record_attempt(db, job_id, NEW, jobs.open_deliveries(db, job_id)[0].id, DeliveryState.DONE, 1)
 
 
 def test_result_store_api_refuses_a_worker_that_lost_its_lease(tmp_path: Path) -> None:

@@ -21,9 +21,15 @@ from workers.runtime import WorkerRuntime, get_runtime, set_runtime
 LOGGER = logging.getLogger(__name__)
 
 
-def create_worker_app(settings: Settings, name: str | None = None) -> Celery:
-    """A Celery app with the job tasks registered and the runtime installed for this process."""
-    set_runtime(WorkerRuntime(settings, name))
+def create_worker_app(
+    settings: Settings, name: str | None = None, *, delivers: bool = False
+) -> Celery:
+    """A Celery app with the job tasks registered and the runtime installed for this process.
+
+    ``delivers``: this worker consumes the ``delivery`` queue (it shares the result store), so it
+    delivers the results of the jobs it runs itself, at once, instead of queueing the delivery
+    behind the next job."""
+    set_runtime(WorkerRuntime(settings, name, delivers=delivers))
     app = make_celery(settings, name="dicom_node.worker")
 
     @app.task(

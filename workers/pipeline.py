@@ -175,12 +175,25 @@ class JobRunner:
             with stages.stage("store"):
                 records = store_outputs(self.settings, job_id, self.owner, objects, summary)
             recorded = jobstate.record_outputs(
-                self.db, job_id, self.owner, records, summary=summary, timings=stages.timings
+                self.db,
+                job_id,
+                self.owner,
+                records,
+                summary=summary,
+                timings=stages.timings,
+                lease_seconds=self.settings.worker.lease_seconds if self.rt.delivers else None,
             )
             if recorded is jobstate.Recorded.LEASE_LOST:
                 raise LeaseLost()
             state = JobState.DONE if recorded is jobstate.Recorded.DONE else JobState.DELIVERING
             self._audit_state(job_id, study_key, state, findings=len(result.findings))
+            if state is JobState.DELIVERING and self.rt.delivers:
+                # This worker shares the result store and consumes `delivery`: deliver now rather
+                # than queueing the delivery behind the next job's run.
+                from dicom_node.delivery.phase import DeliveryPhase
+
+                phase = DeliveryPhase(self.db, self.settings, self.owner)
+                return phase.run_held(job_id, study_key, heartbeat)
             return recorded.value
         except LeaseLost:
             LOGGER.warning("lease lost; another attempt owns the job now")

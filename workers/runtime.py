@@ -23,9 +23,13 @@ LOGGER = logging.getLogger(__name__)
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, name: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, name: str | None = None, *, delivers: bool = False
+    ) -> None:
         self.settings = settings
         self.name = name or f"worker@{socket.gethostname()}"
+        self.delivers = delivers
+        """Consumes the ``delivery`` queue: delivers its own jobs' results right after recording."""
         self._db: Database | None = None
         self._detectors: dict[str, Any] = {}
         self._lock = threading.Lock()

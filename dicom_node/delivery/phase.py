@@ -46,11 +46,16 @@ class DeliveryPhase:
                 LOGGER.info("delivery message dropped: %s", claim.outcome.value)
                 return claim.outcome.value
             with jobs.Lease(self.db, job_id, self.owner, lease_seconds) as lease:
-                try:
-                    return self._deliver(job_id, study_key, lease)
-                except jobs.LeaseLost:
-                    LOGGER.warning("lease lost; another attempt owns the job now")
-                    return "lease-lost"
+                return self.run_held(job_id, study_key, lease)
+
+    def run_held(self, job_id: str, study_key: str | None, lease: jobs.Lease) -> str:
+        """Deliver a job whose lease the caller already holds in ``delivering`` (the worker that
+        just recorded its results, sharing the store)."""
+        try:
+            return self._deliver(job_id, study_key, lease)
+        except jobs.LeaseLost:
+            LOGGER.warning("lease lost; another attempt owns the job now")
+            return "lease-lost"
 
     def _outputs(self, job_id: str) -> list[Path]:
         return [

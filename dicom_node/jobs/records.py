@@ -7,7 +7,7 @@ a worker whose lease was taken over can write neither outputs nor delivery state
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -47,13 +47,17 @@ def record_outputs(
     *,
     summary: dict[str, Any],
     timings: dict[str, float],
+    lease_seconds: float | None = None,
 ) -> Recorded:
     """Record a running job's stored outputs and hand it to delivery, in one transaction.
 
     Output rows are added or updated (a re-run writes the same UIDs), one delivery is opened per
     destination of the job that has none yet, and the job moves to ``delivering`` with its lease
     released and a delivery message in the outbox for the ``delivery`` queue (consumed where the
-    result store is). A job without destinations is ``done``.
+    result store is). With ``lease_seconds`` the caller keeps the lease instead, to deliver at
+    once itself (a worker that shares the store); if it dies, the lease expires and the
+    reconciler hands the delivery to the ``delivery`` queue. A job without destinations is
+    ``done``.
     """
     now = utcnow()
     with db.session() as s:
@@ -93,14 +97,19 @@ def record_outputs(
         job.summary = summary
         job.timings = {**(job.timings or {}), **timings}
         job.reason = None
-        job.lease_owner = None
-        job.lease_expires_at = None
         job.updated_at = now
         if not job.destinations:
             job.state = JobState.DONE.value
             job.finished_at = now
+            job.lease_owner = None
+            job.lease_expires_at = None
             return Recorded.DONE
         job.state = JobState.DELIVERING.value
+        if lease_seconds is not None:
+            job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            return Recorded.DELIVERING
+        job.lease_owner = None
+        job.lease_expires_at = None
         s.add(
             Outbox(
                 job_id=job_id,

@@ -65,7 +65,9 @@ def register(app: typer.Typer) -> None:
             )
         queue_list = queues
         host = name or socket.gethostname()
-        celery = create_worker_app(settings, name=host)
+        celery = create_worker_app(
+            settings, name=host, delivers=DELIVERY_QUEUE in queue_list.split(",")
+        )
         argv = [
             "worker",
             "--queues",

@@ -385,8 +385,8 @@ class WorkerSettings(_Section):
     results: Literal["auto", "local", "node"] = "auto"
     """Where workers put finished results: ``local`` writes into this data directory's result
     store (a worker that shares the node's disk), ``node`` puts them through the node's API
-    (``worker.node_url``) so they outlive this machine. ``auto``: ``node`` when inputs come over
-    WADO-RS, else ``local``."""
+    (``worker.node_url``) so they outlive this machine. ``auto``: ``node`` when ``worker.source``
+    is ``dicomweb``, else ``local``."""
     dciodvfy: bool = True
     """When dciodvfy (Debian dicom3tools) is installed, require zero errors from it on every SR
     and SEG before they are stored and sent (in addition to the built-in conformance gate)."""

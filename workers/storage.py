@@ -32,14 +32,15 @@ UPLOAD_TIMEOUT = 120.0
 
 
 def results_mode(settings: Settings) -> str:
-    """``"local"`` (write into this data directory's store) or ``"node"`` (PUT to the node)."""
+    """``"local"`` (write into this data directory's store) or ``"node"`` (PUT to the node).
+
+    ``auto`` follows an explicit ``worker.source = "dicomweb"`` only: a worker on the node's host
+    may start before the node has made its spool, and must not mistake itself for a remote one.
+    """
     mode = settings.worker.results
     if mode != "auto":
         return mode
-    source = settings.worker.source
-    if source == "auto":
-        source = "spool" if settings.spool_dir.is_dir() else "dicomweb"
-    return "node" if source == "dicomweb" else "local"
+    return "node" if settings.worker.source == "dicomweb" else "local"
 
 
 def store_outputs(

@@ -48,7 +48,14 @@ def test_froc_counts_each_nodule_once_and_every_miss_as_fp() -> None:
 
 
 def test_froc_subset_ignores_hits_on_other_nodules() -> None:
-    scans = [ScanResult("a", [nodule(0, 10, "solid"), nodule(50, 3.5, "ground-glass")], [cand(50, 0.99), cand(0, 0.5)], [])]
+    scans = [
+        ScanResult(
+            "a",
+            [nodule(0, 10, "solid"), nodule(50, 3.5, "ground-glass")],
+            [cand(50, 0.99), cand(0, 0.5)],
+            [],
+        )
+    ]
     big = froc(scans, lambda n: n["diameter_mm"] >= 4)
     # The hit on the 3.5 mm nodule is neither a TP nor an FP for the >= 4 mm subset.
     assert big["nodules"] == 1
@@ -59,7 +66,10 @@ def test_froc_subset_ignores_hits_on_other_nodules() -> None:
 
 def test_froc_is_a_step_function_not_interpolated() -> None:
     # 4 scans, one nodule each; three FPs ranked above the TPs of scans 2-4.
-    scans = [ScanResult(str(i), [nodule(0, 10)], [cand(0, 0.9 - i * 0.1), cand(40, 0.95 - i * 0.01)], []) for i in range(4)]
+    scans = [
+        ScanResult(str(i), [nodule(0, 10)], [cand(0, 0.9 - i * 0.1), cand(40, 0.95 - i * 0.01)], [])
+        for i in range(4)
+    ]
     f = froc(scans)
     # All 4 FPs (0.95..0.92) come first: 1 FP/scan is reached before any TP.
     assert f["sensitivity_at"]["0.5"] == 0.0
@@ -68,7 +78,9 @@ def test_froc_is_a_step_function_not_interpolated() -> None:
 
 def test_operating_point_precision_recall_f1() -> None:
     scans = [
-        ScanResult("a", [nodule(0, 10), nodule(100, 10)], [], [cand(0, 0.9), cand(1, 0.8), cand(60, 0.7)]),
+        ScanResult(
+            "a", [nodule(0, 10), nodule(100, 10)], [], [cand(0, 0.9), cand(1, 0.8), cand(60, 0.7)]
+        ),
         ScanResult("b", [nodule(0, 6)], [], []),
     ]
     op = operating_point(scans)
@@ -109,15 +121,47 @@ def test_evaluate_command_writes_report_and_plot(tmp_path: Path) -> None:
     rate, the operating point, the breakdowns, runtime and memory per study, and a PNG plot."""
     from dicom_node.cli import main
 
-    common = ["--slices", "200", "--matrix", "512", "--pixel-size", "0.7", "--thickness", "1.25", "--noise", "20"]
-    _synth(tmp_path / "data" / "a", "--seed", "11", "--nodules", "3", "--nodule-types", "solid", "--min-size", "7", "--max-size", "12", *common)
+    common = [
+        "--slices",
+        "200",
+        "--matrix",
+        "512",
+        "--pixel-size",
+        "0.7",
+        "--thickness",
+        "1.25",
+        "--noise",
+        "20",
+    ]
+    _synth(
+        tmp_path / "data" / "a",
+        "--seed",
+        "11",
+        "--nodules",
+        "3",
+        "--nodule-types",
+        "solid",
+        "--min-size",
+        "7",
+        "--max-size",
+        "12",
+        *common,
+    )
     _synth(tmp_path / "data" / "b", "--seed", "12", "--no-nodules", *common)
     out = tmp_path / "report"
     assert main(["evaluate", str(tmp_path / "data"), "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["scans"] == 2
     assert report["model"] == "lung-nodules"
-    assert set(report["froc"]["all"]["sensitivity_at"]) == {"0.125", "0.25", "0.5", "1.0", "2.0", "4.0", "8.0"}
+    assert set(report["froc"]["all"]["sensitivity_at"]) == {
+        "0.125",
+        "0.25",
+        "0.5",
+        "1.0",
+        "2.0",
+        "4.0",
+        "8.0",
+    }
     assert report["froc"]["all"]["nodules"] == 3
     assert report["froc"]["all"]["sensitivity_at"]["8.0"] >= 2 / 3
     assert {"precision", "recall", "f1"} <= set(report["operating_point"]["all"])

@@ -120,10 +120,6 @@ LONG_MODULES: dict[str, str] = {
     "workers/models/lung_nodules.py": "the built-in detector's stages 1-5, in the order they run",
     "workers/models/torchscript.py": "a TorchScript model folder: card schema, checks, pre/post",
     "workers/results/conformance.py": "the conformance gate: every rule an output object must meet",
-    "workers/evaluate.py": (
-        "FROC/CPM evaluation of a detector over studies and its report: one concept "
-        "(reworked by the real-CT evaluation issue)"
-    ),
 }
 
 

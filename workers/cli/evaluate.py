@@ -1,4 +1,5 @@
-"""``dicom-node evaluate``: run a detector over studies with ground truth; FROC report + plot.
+"""``dicom-node evaluate``: run a detector over scans with a reference (synth, real chest CT,
+LIDC-IDRI, LUNA16); FROC, CPM with intervals, false findings and misses with pictures.
 
 Registered through the ``dicom_node.commands`` entry point (it needs the compute side).
 """
@@ -15,19 +16,56 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def evaluate(
         ctx: typer.Context,
-        studies: Annotated[list[Path], typer.Argument(help="Study folders with truth.json, or folders containing them.")],
-        model: Annotated[str, typer.Option("--model", "-m", help="Model name (entry point or [models.NAME]).")] = "lung-nodules",
-        out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json and froc.png.")] = Path("evaluation"),
-        threshold: Annotated[float | None, typer.Option(help="Operating-point threshold (default: the model's).")] = None,
-        device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: the model's setting).")] = None,
+        studies: Annotated[
+            list[Path],
+            typer.Argument(
+                metavar="PATHS",
+                help="Folders to search for scans with a reference (see above).",
+                show_default=False,
+            ),
+        ],
+        model: Annotated[
+            str, typer.Option("--model", "-m", help="Model name (entry point or [models.NAME]).")
+        ] = "lung-nodules",
+        out: Annotated[
+            Path,
+            typer.Option("--out", "-o", help="Folder for report.json, froc.png and pictures/."),
+        ] = Path("evaluation"),
+        threshold: Annotated[
+            float | None, typer.Option(help="Operating-point threshold (default: the model's).")
+        ] = None,
+        device: Annotated[
+            str | None, typer.Option(help="cpu, cuda or auto (default: the model's setting).")
+        ] = None,
         threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+        pictures: Annotated[
+            bool, typer.Option(help="Write a PNG per false finding and per miss.")
+        ] = True,
+        bootstrap: Annotated[
+            int, typer.Option(min=0, help="Bootstrap rounds for the 95 % intervals.")
+        ] = 1000,
         progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
     ) -> None:
-        """Evaluate a detector on studies with ground truth (``dicom-node synth`` writes such
-        studies). Reports sensitivity at 0.125-8 false positives per scan (FROC, LUNA16 hit
-        criterion: a detection hits a nodule when its centre lies within the nodule's radius),
-        precision/recall/F1 at the operating point, a breakdown by size and type, and runtime
-        and peak memory per study. Writes OUT/report.json and OUT/froc.png.
+        """Evaluate a detector on scans with a reference standard, as a site would.
+
+        Each folder given (and, when it is none of these, its sub-folders) is read as:
+
+        - truth.json beside a DICOM series: a `dicom-node synth` study, or a real
+          chest CT reference (positives, ignore marks, tumour boxes);
+        - annotations.csv: LUNA16 (.mhd/.raw volumes and annotations_excluded.csv
+          anywhere below it);
+        - an LIDC XML reading (LidcReadMessage) beside the DICOM series: the LUNA16
+          rule applies (a nodule >= 3 mm marked by >= 3 of 4 readers is a positive;
+          nodules of 1-2 readers, < 3 mm marks and non-nodules are ignored).
+
+        A finding hits a positive when its centre lies within the positive's radius
+        (LUNA16); findings in ignore regions count neither way; every other one is
+        a false finding. Writes OUT/report.json (FROC at 1/8-8 false findings per
+        scan and CPM, each with a bootstrap 95 % interval; the operating point; per
+        scan each false finding with its score and position and each miss; runtime
+        and memory), OUT/froc.png and OUT/pictures/ (an axial crop per false finding
+        and per miss). Scans are named by series UID; scans the model refuses are
+        listed as skipped with the reason.
         """
         import json
 
@@ -37,13 +75,15 @@ def register(app: typer.Typer) -> None:
 
         from dicom_node.cli import EXIT_USAGE, state
         from workers.evaluate import evaluate as run_evaluation
-        from workers.evaluate import find_studies, write_report
+        from workers.evaluate import find_references, write_report
         from workers.models.registry import get_detector
 
         console = Console(stderr=True)
-        folders = find_studies(studies)
-        if not folders:
-            console.print("[red]error:[/red] no study folders with truth.json found")
+        refs = find_references(studies)
+        if not refs:
+            console.print(
+                "[red]error:[/red] no scans with a reference (truth.json, LUNA16 annotations.csv or LIDC XML) found"
+            )
             raise typer.Exit(EXIT_USAGE)
         if threads:
             torch.set_num_threads(threads)
@@ -67,16 +107,31 @@ def register(app: typer.Typer) -> None:
                     f"detector {scan.detector_seconds:.1f} s, load {scan.load_seconds:.1f} s"  # type: ignore[attr-defined]
                 )
 
-        result = run_evaluation(folders, detector, progress=report)
+        result = run_evaluation(
+            refs, detector, progress=report, pictures=out / "pictures" if pictures else None
+        )
+        result.bootstrap_rounds = bootstrap
+        for skip in result.skipped:
+            console.print(f"skipped {skip['name']}: {skip['reason']}")
         json_path, png_path = write_report(result, out)
         summary = json.loads(json_path.read_text())
-        table = Table(title=f"{summary['model']} {summary['model_version']} on {summary['scans']} scans")
+        table = Table(
+            title=f"{summary['model']} {summary['model_version']} on {summary['scans']} scans"
+        )
         table.add_column("nodules")
         table.add_column("n", justify="right")
         for r in ("0.125", "0.25", "0.5", "1.0", "2.0", "4.0", "8.0"):
             table.add_column(f"{r} FP", justify="right")
+        table.add_column("CPM (95 % CI)", justify="right")
         for name, f in summary["froc"].items():
-            table.add_row(name, str(f["nodules"]), *(f"{f['sensitivity_at'][r]:.3f}" for r in f["sensitivity_at"]))
+            ci = f["interval_95"]["cpm"]
+            cpm = f"{f['cpm']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+            table.add_row(
+                name,
+                str(f["nodules"]),
+                *(f"{f['sensitivity_at'][r]:.3f}" for r in f["sensitivity_at"]),
+                cpm,
+            )
         Console().print(table)
         op = summary["operating_point"]["all"]
         rt = summary["runtime"]

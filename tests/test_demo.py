@@ -29,7 +29,7 @@ def _demo(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str]
             "--slices",
             "100",
             "--matrix",
-            "384",
+            "448",
             "--json",
             *extra,
         ],

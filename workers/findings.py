@@ -122,4 +122,6 @@ class DetectionResult:
             "findings": [f.summary() for f in self.findings],
             "runtime_seconds": round(self.runtime_seconds, 3),
             "device": self.device,
+            # A model that ran outside its validated input range says so next to its findings.
+            **({"qualifier": str(self.extra["qualifier"])} if self.extra.get("qualifier") else {}),
         }

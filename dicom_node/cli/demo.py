@@ -20,7 +20,17 @@ def register(app: typer.Typer) -> None:
         ] = None,
         seed: Annotated[int, typer.Option(help="Phantom seed.")] = 1,
         slices: Annotated[int, typer.Option(min=16, help="Phantom slices (1.25 mm).")] = 150,
-        matrix: Annotated[int, typer.Option(min=64, help="Phantom matrix (rows = columns).")] = 512,
+        matrix: Annotated[
+            int,
+            typer.Option(
+                min=448,
+                help=(
+                    "Phantom matrix (rows = columns). Pixels are 0.7 mm, inside the detector's "
+                    "validated input range, so a smaller matrix is a smaller chest (448 still "
+                    "holds the lung volume the detector expects)."
+                ),
+            ),
+        ] = 512,
         orthanc: Annotated[
             bool, typer.Option(help="Use a local Orthanc as the PACS when installed.")
         ] = True,

@@ -10,10 +10,15 @@ How it works (all on the CPU in about 10 s for a 300 x 512² CT on 2 cores; CUDA
 1. **Grid.** Unevenly spaced series are resampled along the normal
    (:func:`workers.grid.uniform_grid`); results are mapped back to source slice indices.
    In-plane, the image is mean-pooled to about 1.4 mm pixels.
-2. **Lungs** from HU and morphology (:func:`workers.models.nodule_ops.lung_mask`): air inside the
+2. **Lungs** from HU and morphology (:func:`workers.models.lungs.lung_mask`): air inside the
    body, closed per slice and per component so that juxtapleural nodules are inside the mask.
    Outside the mask the image is set to the lung's median HU, so the chest wall, mediastinum
    and bone give no response and a nodule on the pleura becomes a free-standing blob.
+   **Input quality control** (:mod:`workers.models.quality`) then measures noise, calibration,
+   lung volume and field of view against the range the weights' card declares as validated:
+   outside it the job ends skipped with the reason (option ``outside_range = "qualify"``:
+   findings are written, with the reason as ``extra['qualifier']``). After stage 5, more
+   findings above the threshold than a chest holds is the same kind of signal, never cut short.
 3. **Blob enhancement**: densities clipped at -500 HU (so ground glass next to a vessel keeps its
    own peak), then the scale-normalised Laplacian of Gaussian at 7 scales (1-8 mm) through the
    FFT in torch, maximum over scales.
@@ -39,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +57,9 @@ from scipy.spatial import cKDTree
 from dicom_node.errors import ModelLoadError
 from workers.findings import LUNG, NODULE, CodedConcept, DetectionResult, Finding
 from workers.grid import UniformGrid, uniform_grid
+from workers.models import lungs
 from workers.models import nodule_ops as ops
+from workers.models import quality as qc
 from workers.models.base import InputRequirements, ModelInfo
 from workers.models.measure import finding_from_mask
 from workers.models.nodule_classifier import FpReducer, sample_patches
@@ -78,6 +86,8 @@ from the lung by the same ~350 HU as ground glass does, so a faint ground-glass 
 a vessel keeps its own response peak instead of being swamped by the vessel's."""
 DEFAULT_THRESHOLD = 0.5
 MAX_FINDINGS = 20
+"""More findings above the threshold than this (when the card declares no other number) is
+a failure signal (:func:`workers.models.quality.check_findings`), never a list cut short."""
 FROC_FLOOR = 0.01
 """Candidates scoring at least this go into ``DetectionResult.extra['candidates']`` (FROC)."""
 
@@ -172,7 +182,10 @@ class LungNoduleDetector:
         options = dict(options or {})
         self.device = _pick_device(device)
         self.threads = int(options.pop("threads", 0)) or None
-        self.max_findings = int(options.pop("max_findings", MAX_FINDINGS))
+        max_findings = options.pop("max_findings", None)
+        self.outside_range = str(options.pop("outside_range", "skip"))
+        if self.outside_range not in qc.OUTSIDE_RANGE:
+            raise ValueError(f"{NAME}: outside_range is one of {', '.join(qc.OUTSIDE_RANGE)}")
         self.closing_mm = float(options.pop("closing_mm", 12.0))
         self.clip_hu = float(options.pop("clip_hu", CLIP_HU))
         self.min_response = float(options.pop("min_response", MIN_RESPONSE))
@@ -189,6 +202,11 @@ class LungNoduleDetector:
         else:
             LOGGER.warning("no FP-reduction weights at %s: using the untrained fallback rule", path)
         self.threshold = float(threshold if threshold is not None else (self._classifier.threshold if self._classifier else DEFAULT_THRESHOLD))
+        card_range = qc.ValidatedRange.from_card(self._classifier.card) if self._classifier else None
+        self.validated = card_range or qc.ValidatedRange(max_findings=MAX_FINDINGS)
+        """The input range the weights' card declares as validated (no bounds without one)."""
+        if max_findings is not None:
+            self.validated = qc.ValidatedRange(self.validated.bounds, int(max_findings))
         self._info = ModelInfo(
             name=NAME,
             version=VERSION if self._classifier is None else f"{VERSION}+fp{self._classifier.version}",
@@ -215,8 +233,12 @@ class LungNoduleDetector:
 
     # -- the pipeline -------------------------------------------------------------------------
 
-    def candidates(self, volume: Volume) -> Candidates:
-        """Stages 1-4 and the features of stage 5 (used by ``predict`` and by training)."""
+    def candidates(
+        self, volume: Volume, check: Callable[[np.ndarray, np.ndarray, tuple[float, float, float], int], None] | None = None
+    ) -> Candidates:
+        """Stages 1-4 and the features of stage 5 (used by ``predict`` and by training).
+        ``check`` sees the detection image, its lung mask, spacing and cranial direction before
+        the filtering (input quality control; it raises to stop)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         if volume.array.ndim != 3 or min(volume.shape) < 1:
@@ -233,8 +255,14 @@ class LungNoduleDetector:
         timings["pool"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        mask, _air = ops.lung_mask(image_np, coarse_img, spacing, coarse, closing_mm=self.closing_mm)
+        # The grid's k runs along the slice normal: the head is towards higher k when it points up.
+        cranial = 1 if volume.normal[2] >= 0 else -1
+        mask, _air = lungs.lung_mask(image_np, coarse_img, spacing, coarse, closing_mm=self.closing_mm, cranial=cranial)
         timings["lungs"] = time.perf_counter() - t
+        if check is not None:
+            t = time.perf_counter()
+            check(image_np, mask, spacing, cranial)
+            timings["quality"] = time.perf_counter() - t
         if not mask.any():
             return _empty_candidates(grid, factor, spacing, mask, timings)
 
@@ -342,8 +370,9 @@ class LungNoduleDetector:
         previous_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
+        quality = qc.QualityControl(volume, self.validated, self.outside_range)
         try:
-            cands = self.candidates(volume)
+            cands = self.candidates(volume, check=quality)
             t = time.perf_counter()
             ranking = self.rank(cands)
             keep = ranking.final
@@ -353,8 +382,10 @@ class LungNoduleDetector:
             source = cands.source_ijk(cands_points + cands.offsets[keep])
             findings: list[Finding] = []
             order = np.argsort(-scores)
+            # More above the threshold than a chest holds: skipped (or all written, qualified).
+            quality.findings(int((scores >= self.threshold).sum()))
             for n in order:
-                if scores[n] < self.threshold or len(findings) >= self.max_findings:
+                if scores[n] < self.threshold:
                     break
                 finding = self._finding(volume, cands, cands_points[n], source[n], radius[n], float(scores[n]))
                 if finding is not None:
@@ -382,6 +413,7 @@ class LungNoduleDetector:
                 "candidates": froc,
                 "candidate_count": len(cands.points),
                 "timings": {k: round(v, 3) for k, v in cands.timings.items()},
+                **quality.extra(),
                 "threshold": self.threshold,
                 "disclaimer": "reference detector, not a medical device",
             },

@@ -2,10 +2,7 @@
 
 * :func:`pool_inplane` — mean-pooling in-plane (to about 1.4 mm pixels for detection, 2.8 mm
   for the lung mask).
-* :func:`lung_mask` — lungs from HU and morphology: air inside the body, then a per-slice,
-  per-component closing that pulls juxtapleural nodules and hilar vessel stubs into the mask
-  without bridging the mediastinum (closing each 2D component on its own never merges the
-  trachea with a lung).
+* the lung mask is in :mod:`workers.models.lungs`.
 * :func:`blob_response` — scale-normalised Laplacian of Gaussian over several scales through
   the FFT (one forward transform, one inverse per scale). Why the FFT:
   a separable ``conv3d`` LoG over 300x512² took 92 s and 7 GiB on 2 cores, the FFT form 3.8 s.
@@ -22,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 
 def pool_inplane(array: np.ndarray | torch.Tensor, factor: int) -> torch.Tensor:
@@ -33,99 +29,6 @@ def pool_inplane(array: np.ndarray | torch.Tensor, factor: int) -> torch.Tensor:
     _, r, c = t.shape
     r2, c2 = (r // factor) * factor, (c // factor) * factor
     return F.avg_pool2d(t[:, None, :r2, :c2].float(), factor)[:, 0]
-
-
-def _disk_closing(mask: np.ndarray, radius_px: tuple[float, float]) -> np.ndarray:
-    """Binary closing with an elliptical disk of the given radii (rows, cols) via distance maps."""
-    pad = math.ceil(max(radius_px)) + 2
-    m = np.pad(mask, pad)
-    sampling = (1.0 / radius_px[0], 1.0 / radius_px[1])  # distances in units of the radius
-    dilated = ndimage.distance_transform_edt(~m, sampling=sampling) <= 1.0
-    closed = ndimage.distance_transform_edt(dilated, sampling=sampling) > 1.0
-    return closed[pad:-pad, pad:-pad]
-
-
-def lung_components(
-    coarse_hu: np.ndarray,
-    spacing: tuple[float, float, float],
-    *,
-    air_hu: float = -400.0,
-    min_lung_ml: float = 15.0,
-    min_total_ml: float = 100.0,
-) -> np.ndarray:
-    """Lung (and airway) air on a coarse grid (K, R, C) with voxel ``spacing`` (mm).
-
-    Air below ``air_hu`` that does not touch the in-plane border of the image (air outside the
-    body does) and belongs to a 3D component of at least ``min_lung_ml`` millilitres. Less than
-    ``min_total_ml`` of such air in all is not lung (sinuses, mastoids, bowel gas): no mask.
-    """
-    air = coarse_hu < air_hu
-    labels, count = ndimage.label(air)
-    if count == 0:
-        return np.zeros_like(air)
-    border = np.unique(
-        np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
-    )
-    sizes = np.bincount(labels.ravel(), minlength=count + 1).astype(np.float64)
-    voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
-    keep = sizes * voxel_ml >= min_lung_ml
-    keep[0] = False
-    keep[border] = False
-    if sizes[keep].sum() * voxel_ml < min_total_ml:
-        return np.zeros_like(air)
-    return keep[labels]
-
-
-def close_slices(air: np.ndarray, pixel_mm: tuple[float, float], closing_mm: float) -> np.ndarray:
-    """Per slice, close each 2D component of ``air`` on its own with a disk of ``closing_mm``
-    and fill its holes: vessels and nodules inside the lung and bumps at the pleura (juxtapleural
-    nodules) join the mask, while separate components (trachea, the other lung) never merge."""
-    radius = (closing_mm / pixel_mm[0], closing_mm / pixel_mm[1])
-    pad = math.ceil(max(radius)) + 1
-    out = np.zeros_like(air)
-    for k in range(air.shape[0]):
-        if not air[k].any():
-            continue
-        lab2, _ = ndimage.label(air[k])
-        for c, sl in enumerate(ndimage.find_objects(lab2), start=1):
-            if sl is None:
-                continue
-            j0, j1 = max(sl[0].start - pad, 0), min(sl[0].stop + pad, air.shape[1])
-            i0, i1 = max(sl[1].start - pad, 0), min(sl[1].stop + pad, air.shape[2])
-            comp = lab2[j0:j1, i0:i1] == c
-            if comp.sum() < 4:
-                continue
-            out[k, j0:j1, i0:i1] |= ndimage.binary_fill_holes(_disk_closing(comp, radius))
-    return out
-
-
-def lung_mask(
-    image_hu: np.ndarray,
-    coarse_hu: np.ndarray,
-    spacing: tuple[float, float, float],
-    factor: int,
-    *,
-    air_hu: float = -400.0,
-    closing_mm: float = 10.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Lung mask at the resolution of ``image_hu`` (K, R, C; voxel ``spacing``), using
-    ``coarse_hu`` (the same image mean-pooled in-plane by ``factor``) to find the lungs.
-
-    Returns ``(mask, air)``: the closed mask (where nodules are looked for) and the lung air
-    itself, eroded by one pixel so that the partial-volume rim of the pleura stays outside.
-    """
-    coarse_spacing = (spacing[0], spacing[1] * factor, spacing[2] * factor)
-    lungs_c = lung_components(coarse_hu, coarse_spacing, air_hu=air_hu)
-    lungs_c = ndimage.binary_dilation(lungs_c, iterations=1)
-    up = np.repeat(np.repeat(lungs_c, factor, axis=1), factor, axis=2)
-    full: np.ndarray = np.zeros(image_hu.shape, dtype=bool)
-    r = min(up.shape[1], full.shape[1])
-    c = min(up.shape[2], full.shape[2])
-    full[:, :r, :c] = up[:, :r, :c]
-    air = full & (image_hu < air_hu)
-    # One pixel in-plane erosion: drop the pleural partial-volume rim.
-    air = ndimage.binary_erosion(air, structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool))
-    return close_slices(air, (spacing[1], spacing[2]), closing_mm), air
 
 
 @dataclass

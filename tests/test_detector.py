@@ -224,3 +224,28 @@ def test_detect_misses_agrees_with_evaluate(detector: LungNoduleDetector, nodule
             assert fate.score == pytest.approx(best, abs=1e-4)
     evaluated_fps = sorted(c.score for c, h in zip(scan.candidates, hits, strict=True) if h < 0)
     assert sorted(fp_scores) == pytest.approx(evaluated_fps, abs=1e-4)
+
+
+def test_shape_features_tell_a_blob_from_a_tube_and_a_plate() -> None:
+    """The research shape measures (workers.models.shape_features) on ideal shapes at the
+    detection grid's spacing: a 8 mm sphere is a contained blob, a vessel-like tube runs out of
+    two faces of its box, a fissure-like plate out of four."""
+    from workers.models.shape_features import SHAPE_FEATURE_NAMES, shape_features
+
+    spacing = (1.25, 1.4, 1.4)
+    shape = (60, 60, 60)
+    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing, strict=True)), indexing="ij")
+    cz, cy, cx = 30 * 1.25, 30 * 1.4, 30 * 1.4
+    shapes = {
+        "sphere": ((z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= 4.0**2, 4.0),
+        "tube": ((y - cy) ** 2 + (x - cx) ** 2 <= 2.0**2, 2.4),
+        "plate": (np.abs(z - cz) <= 1.0, 2.0),
+    }
+    got = {}
+    for name, (solid, radius) in shapes.items():
+        image = np.where(solid, 0.0, -850.0).astype(np.float32)
+        f = shape_features(image, np.ones(shape, dtype=bool), spacing, np.array([[30, 30, 30]]), np.array([radius]), -850.0)
+        got[name] = dict(zip(SHAPE_FEATURE_NAMES, f[0].tolist(), strict=True))
+    assert got["sphere"]["blob"] > 0.8 and got["sphere"]["contained"] > 0.9 and got["sphere"]["faces"] == 0
+    assert got["tube"]["tube"] > 0.8 and got["tube"]["blob"] < 0.2 and got["tube"]["faces"] == 2
+    assert got["plate"]["plate"] > 0.8 and got["plate"]["faces"] == 4 and got["plate"]["flatness"] > 0.8

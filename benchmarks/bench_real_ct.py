@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -84,25 +83,6 @@ class RealScan:
     """The tumour's per-slice boxes (LPS mm), widened along z by half the slice spacing."""
     fp_boxes: list[Any] = field(default_factory=list)
     """The same widened by the margin: findings outside them are false."""
-
-
-def _peak_rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def real_scans(root: Path, margin_mm: float) -> list[RealScan]:
@@ -162,10 +142,11 @@ def make_detector(variant: Variant, threads: int) -> Any:
 def run_real(detector: Any, scan: RealScan) -> dict[str, Any]:
     """One real scan through ``detector``; findings scored against the scan's reference."""
     from workers.evaluate.metrics import _inside_boxes, ignored
+    from workers.evaluate.runner import peak_rss_mb, reset_peak_rss
     from workers.evaluate.truth import read_truth
     from workers.volume import load_series
 
-    reset = _peak_rss_reset()
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
     if scan.thick:
         # RESEARCH ONLY: production series selection refuses > 3 mm slices; bypassed here.
@@ -174,7 +155,7 @@ def run_real(detector: Any, scan: RealScan) -> dict[str, Any]:
         volume = read_truth(scan.folder).load(detector.requirements)
     load_s = time.perf_counter() - t0
     result = detector.predict(volume)
-    rss = _peak_rss_mb() if reset else None
+    rss = peak_rss_mb() if reset else None
     centres = np.array([f.center_mm for f in result.findings], dtype=np.float64).reshape(-1, 3)
     conf = [float(f.confidence) for f in result.findings]
     if scan.lesion_boxes:

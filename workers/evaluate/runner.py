@@ -81,7 +81,8 @@ def load_study(folder: Path, requirements: Any) -> tuple[Any, list[dict[str, Any
         raise ValueError(f"{folder.name}: {exc}") from exc
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (False where it cannot be)."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -90,7 +91,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_mb() -> float | None:
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process since the last reset, MiB (None if unknown)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -111,7 +113,7 @@ def run_study(
     ``pictures``, write the crops of its false findings and misses there. Raises
     :class:`SkipScan` when the model refuses the scan."""
     ref = read_truth(study) if isinstance(study, Path) else study
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
     volume = ref.load(detector.requirements)
     load_s = time.perf_counter() - t0
@@ -135,7 +137,7 @@ def run_study(
         findings=[Candidate(tuple(f.center_mm), float(f.confidence)) for f in result.findings],
         detector_seconds=result.runtime_seconds,
         load_seconds=load_s,
-        peak_rss_mb=_peak_rss_mb() if reset else None,
+        peak_rss_mb=peak_rss_mb() if reset else None,
         shape=volume.shape,
         device=result.device,
         extra={

@@ -90,31 +90,9 @@ class ResultStore:
         """Store one result file from ``chunks``; refuse more than ``max_bytes`` or bytes whose
         SHA-256 is not ``expected_sha256``. Storing the same bytes again is harmless."""
         relative = self.relative_path(job_id, name)
-        target = self.root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise ResultStoreError(f"result file larger than {max_bytes} bytes")
-                    digest.update(chunk)
-                    fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            sha = digest.hexdigest()
-            if expected_sha256 is not None and sha != expected_sha256.lower():
-                raise ResultStoreError(
-                    "result file does not match its SHA-256 (damaged in transit)"
-                )
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _sync_dir(target.parent)
+        size, sha = write_atomically(
+            self.root / relative, chunks, max_bytes=max_bytes, expected_sha256=expected_sha256
+        )
         return StoredFile(name=name, path=relative, size=size, sha256=sha)
 
     def put_bytes(self, job_id: str, name: str, data: bytes) -> StoredFile:
@@ -139,6 +117,40 @@ class ResultStore:
         if digest.hexdigest() != sha256:
             raise ResultMissingError(f"result file {path.name} differs from the recorded one")
         return path
+
+
+def write_atomically(
+    target: Path,
+    chunks: Iterable[bytes],
+    *,
+    max_bytes: int,
+    expected_sha256: str | None = None,
+) -> tuple[int, str]:
+    """Write ``chunks`` to ``target``: a temporary file beside it, synced, checked (size, and
+    SHA-256 when given), renamed into place, the folder synced. Returns (size, SHA-256)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ResultStoreError(f"result file larger than {max_bytes} bytes")
+                digest.update(chunk)
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        sha = digest.hexdigest()
+        if expected_sha256 is not None and sha != expected_sha256.lower():
+            raise ResultStoreError("result file does not match its SHA-256 (damaged in transit)")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _sync_dir(target.parent)
+    return size, sha
 
 
 def _sync_dir(path: Path) -> None:

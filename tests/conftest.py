@@ -20,6 +20,12 @@ REAL_CT = Path(
         "DICOM_NODE_REAL_CT", Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
     )
 )
+REAL_CHEST_CT = Path(
+    os.environ.get(
+        "DICOM_NODE_REAL_CHEST_CT",
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "real-chest-ct",
+    )
+)
 
 PG_ADMIN_URL = os.environ.get(
     "DICOM_NODE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -219,3 +225,13 @@ def real_ct() -> Path:
     if not REAL_CT.is_dir():
         pytest.skip(f"real CT data not found at {REAL_CT} (set DICOM_NODE_REAL_CT)")
     return REAL_CT
+
+
+@pytest.fixture
+def real_chest_ct() -> Path:
+    """The real chest CT collection (``../shared/data/real-chest-ct``); a skip fails under CI."""
+    if not REAL_CHEST_CT.is_dir():
+        pytest.skip(
+            f"real chest CT data not found at {REAL_CHEST_CT} (set DICOM_NODE_REAL_CHEST_CT)"
+        )
+    return REAL_CHEST_CT

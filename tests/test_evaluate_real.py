@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,6 @@ from workers.evaluate.luna16 import load_mhd, read_luna16
 from workers.evaluate.pictures import SIZE_PX, draw_scan
 from workers.models.base import InputRequirements
 
-REAL_CHEST_CT = Path(
-    os.environ.get(
-        "DICOM_NODE_REAL_CHEST_CT",
-        Path(__file__).resolve().parents[2] / "shared" / "data" / "real-chest-ct",
-    )
-)
 SPEC = PhantomSpec(
     seed=5, slices=96, matrix=448, pixel_spacing=0.8, slice_thickness=1.25, nodules=3,
     nodule_types=("solid",), min_diameter=7, max_diameter=10, noise_hu=20.0,
@@ -422,15 +415,6 @@ def test_evaluate_command_on_lidc_and_luna16(study: Study, tmp_path: Path) -> No
 
 
 # -- the real chest CT collection ---------------------------------------------------------------
-
-
-@pytest.fixture
-def real_chest_ct() -> Path:
-    if not REAL_CHEST_CT.is_dir():
-        pytest.skip(
-            f"real chest CT data not found at {REAL_CHEST_CT} (set DICOM_NODE_REAL_CHEST_CT)"
-        )
-    return REAL_CHEST_CT
 
 
 def test_real_lidc_reading_as_the_readme_says(real_chest_ct: Path) -> None:

@@ -175,8 +175,7 @@ def test_a_head_ct_is_skipped_for_want_of_lungs(
     """The real tilted head CT (a non-chest CT): no lungs, so the job ends skipped with the
     lung volume as the reason (and no crash on tilt and uneven spacing)."""
     folder = real_ct / "ge-head-tilt"
-    if not folder.is_dir():
-        pytest.skip("ge-head-tilt not found")
+    assert folder.is_dir(), f"ge-head-tilt not found under {real_ct}"
     with pytest.raises(NoInputError, match=r"lung volume 0\.00 L < 1\.50 L"):
         detector.predict(load_series(sorted(folder.glob("*.dcm"))))
 

@@ -3,11 +3,11 @@
 The job pipeline (``workers/pipeline.py``) calls::
 
     objects = encode_results(volume, result, job, options)  # SR (+ SEG), checked by the gate
-    paths = write_results(objects, job_result_dir)          # stored before any delivery
+    store_outputs(settings, job_id, owner, objects, summary)  # into the central result store
 
-Every (re)send then ships those files as they are (``dicom_node.delivery.deliver`` reads the
-stored bytes), so a resend is byte-identical to the first. :func:`load_results` reads them
-back as :class:`EncodedObject` for callers that want the datasets again.
+Every (re)send then ships those stored files as they are (``dicom_node.delivery.phase``), so a
+resend is byte-identical to the first. :func:`write_results` / :func:`load_results` write and
+read a folder of them for callers outside a job (tests, tools).
 
 * ``"sr"``: the TID 1500 Comprehensive 3D SR for viewers (always one; says "without findings"
   when there are none).

@@ -9,14 +9,13 @@ there, so a resend is byte-identical to the first send.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node.results_store import write_atomically
 from workers.results.identity import KIND_SEG, KIND_SR, KIND_SR_VOLUMETRIC, OUTPUT_KINDS
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -73,7 +72,9 @@ class EncodedObject:
 
 
 def write_results(objects: list[EncodedObject], out_dir: Path) -> list[Path]:
-    """Write each object to ``out_dir/<kind>.dcm`` atomically (temp file, fsync, rename).
+    """Write each object to ``out_dir/<kind>.dcm`` atomically
+    (:func:`dicom_node.results_store.write_atomically`), for callers outside a job (tests,
+    tools); the pipeline puts results in the result store (:mod:`workers.storage`).
 
     Returns the paths in the order of ``objects``. Rewriting the same objects is harmless.
     """
@@ -85,22 +86,8 @@ def write_results(objects: list[EncodedObject], out_dir: Path) -> list[Path]:
     paths = []
     for obj in objects:
         target = out_dir / obj.filename
-        fd, tmp = tempfile.mkstemp(prefix=f".{obj.kind}.", suffix=".tmp", dir=out_dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(obj.data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(target, [obj.data], max_bytes=len(obj.data))
         paths.append(target)
-    dir_fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
     return paths
 
 

@@ -188,6 +188,47 @@ def run_real(detector: Any, scan: RealScan) -> dict[str, Any]:
     }
 
 
+def run_inserted(detector: Any, scan: RealScan, rounds: int, per_round: int) -> dict[str, Any]:
+    """Simulated nodules inserted into a held-out thin real scan (``training.insert_nodules``,
+    fixed seeds, away from its ignore marks), found at the operating point or not: sensitivity on
+    the scan's own real background. Evaluation only, and reported as simulated nodules."""
+    from training.insert_nodules import insert
+    from workers.evaluate.metrics import ignored
+    from workers.evaluate.truth import read_truth
+
+    volume = read_truth(scan.folder).load(detector.requirements)
+    base = detector.candidates(volume)
+    avoid = [
+        (np.asarray(m["center_mm"]) - m["radius_mm"] - 5.0, np.asarray(m["center_mm"]) + m["radius_mm"] + 5.0)
+        for m in scan.ignore
+    ]
+    found: dict[str, list[int]] = {}
+    false: list[int] = []
+    for rnd in range(rounds):
+        rng = np.random.default_rng([90_000, rnd])
+        vol, placed = insert(volume, base.mask, base.source_ijk, base.spacing, rng, per_round, avoid_mm=avoid)
+        result = detector.predict(vol)
+        centres = np.array([f.center_mm for f in result.findings], dtype=np.float64).reshape(-1, 3)
+        on_nodule = np.zeros(len(centres), dtype=bool)
+        for n in placed:
+            d = np.linalg.norm(centres - np.array(n.center_mm), axis=1)
+            hit = d <= max(n.diameter_mm / 2, 2.5)
+            on_nodule |= hit
+            size = ">=5mm" if n.diameter_mm >= 5.0 else "<5mm"
+            for key in (size, n.kind if size == ">=5mm" else "<5mm"):
+                found.setdefault(key, [0, 0])
+                found[key][0] += int(hit.any())
+                found[key][1] += 1
+        false.append(int((~on_nodule & ~ignored(centres, scan.ignore)).sum()))
+    return {
+        "scan": scan.name,
+        "rounds": rounds,
+        "found": {k: f"{a}/{b}" for k, (a, b) in sorted(found.items())},
+        "sensitivity_ge_5mm": round(found.get(">=5mm", [0, 1])[0] / max(found.get(">=5mm", [0, 1])[1], 1), 3),
+        "false_per_round": false,
+    }
+
+
 def run_phantoms(detector: Any, folders: list[Path], deadline: float) -> dict[str, Any]:
     """The phantom FROC figures of ``detector`` (the scoring of ``workers.evaluate``)."""
     from workers.evaluate import SUBSETS, froc, operating_point, run_study
@@ -242,6 +283,15 @@ def print_tables(report: dict[str, Any], out: Any) -> None:
             f"{v['label']:<28}{'= false findings per scan':<31}{'':>4}{'':>5}{s['false_per_scan']:>6.2f}"
             f"  (held-out lidc-idri-0002: {s['lidc_false']}; Lung-PET-CT-Dx mean {s['dx_false_per_scan']}; tumours found {s['tumours_found']})\n"
         )
+    if any(v.get("inserted") for v in report["variants"]):
+        w("\nsimulated nodules inserted into held-out thin real scans (training/insert_nodules.py)\n")
+        w(f"{'variant':<28}{'scan':<20}{'rounds':>7}{'>=5 mm found':>13}  by kind; false findings per round\n")
+        for v in report["variants"]:
+            for r in v.get("inserted", []):
+                w(
+                    f"{v['label']:<28}{r['scan']:<20}{r['rounds']:>7}{r['sensitivity_ge_5mm']:>13.3f}  "
+                    f"{r['found']}; {r['false_per_round']}\n"
+                )
     if not any(v.get("phantoms") for v in report["variants"]):
         return
     w("\nphantoms (bench_detect.py seeds and cache; LUNA16 hit rule)\n")
@@ -301,6 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--phantoms", type=int, default=10, help="phantoms from bench_detect.py's set (0: none)"
     )
+    ap.add_argument(
+        "--inserted",
+        type=int,
+        default=0,
+        help="rounds of simulated nodules inserted into each held-out thin scan (0: none)",
+    )
+    ap.add_argument("--per-round", type=int, default=10, help="simulated nodules per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--max-minutes",
@@ -373,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
             else None,
             "tumours_found": f"{sum(bool(r['lesion_found']) for r in dx)}/{len(dx)}",
         }
+        if args.inserted:
+            entry["inserted"] = [
+                run_inserted(detector, scan, args.inserted, args.per_round)
+                for scan in scans
+                if not scan.thick and not scan.lesion_boxes
+            ]
+            print(f"  [{variant.label}] inserted: {entry['inserted']}", file=sys.stderr, flush=True)
         if folders:
             entry["phantoms"] = run_phantoms(detector, folders, deadline)
             print(f"  [{variant.label}] phantoms: {entry['phantoms']}", file=sys.stderr, flush=True)

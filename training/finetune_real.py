@@ -50,19 +50,32 @@ from workers.models.lung_nodules import FEATURE_NAMES, WEIGHTS, LungNoduleDetect
 from workers.models.nodule_classifier import FpReducer, PatchCnn
 
 
-def real_set(folder: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """Patches and features of the real hard negatives under ``folder`` (``*.npz``)."""
-    patches, feats, names = [], [], []
+def real_set(
+    folder: Path, exclude: list[str] | None = None
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
+    """Patches, features and labels (0 or 1) of the real candidates under ``folder``
+    (``*.npz`` of :mod:`training.real_negatives` or :mod:`training.real_inserted`; candidates
+    labelled -1 are left out), leaving out files whose name contains one of ``exclude``."""
+    patches, feats, labels, names = [], [], [], []
     for path in sorted(folder.glob("*.npz")):
-        if path.stem in HELD_OUT:
+        if any(word in path.stem for word in exclude or []):
+            continue
+        if any(path.stem.startswith(held) for held in HELD_OUT):
             raise SystemExit(f"{path.stem} is held out for reporting; it must not be trained on")
         z = np.load(path)
-        neg = z["label"] == 0
-        patches.append(torch.from_numpy(z["patches"][neg].astype(np.float32)))
-        feats.append(z["features"][neg])
+        use = z["label"] >= 0
+        patches.append(torch.from_numpy(z["patches"][use].astype(np.float32)))
+        feats.append(z["features"][use])
+        labels.append(z["label"][use].astype(np.float32))
         names.append(path.stem)
-        print(f"  real {path.stem}: {int(neg.sum())} negatives", flush=True)
-    return torch.cat(patches), np.concatenate(feats), names
+        print(
+            f"  real {path.stem}: {int((z['label'] == 0).sum())} negatives, "
+            f"{int((z['label'] == 1).sum())} positives",
+            flush=True,
+        )
+    if not names:
+        raise SystemExit(f"no real training scans under {folder}")
+    return torch.cat(patches), np.concatenate(feats), np.concatenate(labels), names
 
 
 def phantom_set(
@@ -131,7 +144,10 @@ def finetune(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--real", type=Path, required=True, help="folder of training.real_negatives .npz files"
+        "--real",
+        type=Path,
+        required=True,
+        help="folder of training.real_negatives / training.real_inserted .npz files",
     )
     ap.add_argument(
         "--cache", type=Path, required=True, help="phantom cache (as train_fp_reduction's)"
@@ -149,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--real-weight", type=float, default=1.0, help="loss weight of a real negative")
+    ap.add_argument(
+        "--real-pos-weight", type=float, default=3.0, help="loss weight of a real positive"
+    )
+    ap.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        help="leave out real scans whose name contains this (cross-validation folds; repeatable)",
+    )
     ap.add_argument(
         "--pos-weight", type=float, default=5.0, help="loss weight of a phantom positive"
     )
@@ -176,19 +201,23 @@ def main(argv: list[str] | None = None) -> int:
         detector = LungNoduleDetector(device="cpu", weights=args.start)
 
     print("real hard negatives", flush=True)
-    rp, rf, real_names = real_set(args.real)
+    rp, rf, rl, real_names = real_set(args.real, args.exclude)
     print("phantoms", flush=True)
     pp, pf, pl = phantom_set(
         detector, start, train_seeds, args.cache, args.nodules, args.juxtavascular
     )
     patches = torch.cat([pp, rp])
     feats = np.concatenate([pf, rf])
-    labels = np.concatenate([pl, np.zeros(len(rf), dtype=np.float32)])
+    labels = np.concatenate([pl, rl])
     weights = np.concatenate(
-        [np.where(pl > 0, args.pos_weight, 1.0), np.full(len(rf), args.real_weight)]
+        [
+            np.where(pl > 0, args.pos_weight, 1.0),
+            np.where(rl > 0, args.real_pos_weight, args.real_weight),
+        ]
     )
     print(
-        f"  {len(labels)} patches: {int(pl.sum())} phantom positives, {int((pl == 0).sum())} phantom negatives, {len(rf)} real negatives",
+        f"  {len(labels)} patches: {int(pl.sum())} phantom positives, {int((pl == 0).sum())} phantom "
+        f"negatives, {int(rl.sum())} real positives, {int((rl == 0).sum())} real negatives",
         flush=True,
     )
 
@@ -241,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                 + " ".join(argv if argv is not None else sys.argv[1:]),
                 "started_from": f"{args.start.name} (sha256 {start.sha256})",
                 "stage1": "unchanged",
-                "real_hard_negative_scans": real_names,
-                "real_hard_negatives": len(rf),
+                "real_scans": real_names,
+                "real_negatives": int((rl == 0).sum()),
+                "real_positives": int(rl.sum()),
+                "real_positive_weight": args.real_pos_weight,
                 "real_held_out": list(HELD_OUT),
                 "phantom_seeds": args.phantom_seeds,
                 "juxtavascular_share": args.juxtavascular,

@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,19 @@ def mine(
 ) -> dict[str, Any]:
     """Candidates, scores, labels, shape features (and patches) of one scan."""
     volume = load(folder)
+    return mine_volume(
+        volume, detector, lambda centres: labels_of(folder, centres, margin_mm), patches=patches
+    )
+
+
+def mine_volume(
+    volume: Volume,
+    detector: LungNoduleDetector,
+    label: Callable[[np.ndarray], np.ndarray],
+    patches: bool = True,
+) -> dict[str, Any]:
+    """:func:`mine` of a volume already loaded (e.g. with simulated nodules inserted); ``label``
+    gives each candidate centre (LPS mm) its label."""
     cands = detector.candidates(volume)
     ranking = detector.rank(cands)
     which = ranking.scored
@@ -90,7 +104,7 @@ def mine(
         "merged": ranking.scores[which],
         "final": np.isin(which, ranking.final),
         "centre_mm": centres,
-        "label": labels_of(folder, centres, margin_mm),
+        "label": label(centres),
         "shape": shape_features(
             cands.image,
             cands.mask,

@@ -63,6 +63,12 @@ QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluati
 FINDINGS_SUMMARY = CodedConcept("111017", "DCM", "CAD Processing and Findings Summary")
 WITH_FINDINGS = CodedConcept("111242", "DCM", "All algorithms succeeded; with findings")
 WITHOUT_FINDINGS = CodedConcept("111241", "DCM", "All algorithms succeeded; without findings")
+COMMENT = CodedConcept("121106", "DCM", "Comment")
+OUTSIDE_RANGE_TEXT = (
+    "Input outside the range this model was validated on: {reason}. The model's published "
+    "figures do not apply to these findings."
+)
+_QUALIFIER_PREFIX = "input outside the validated range: "
 
 ROI_SHAPES = ("box", "ellipse", "point")
 
@@ -142,20 +148,30 @@ def observation_context(job: JobContext) -> hd.sr.ObservationContext:
     )
 
 
-def _summary_container(has_findings: bool) -> hd.sr.ContainerContentItem:
+def _summary_container(has_findings: bool, qualifier: str | None = None) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 "Qualitative Evaluations": the CAD summary and, when the model ran on
+    input outside its validated range (model option ``outside_range = "qualify"``), a TEXT
+    "Comment" saying so, so a reader of the report sees it beside the findings."""
     container = hd.sr.ContainerContentItem(
         name=coded(QUALITATIVE_EVALUATIONS),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    container.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.CodeContentItem(
-                name=coded(FINDINGS_SUMMARY),
-                value=coded(WITH_FINDINGS if has_findings else WITHOUT_FINDINGS),
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(
+            name=coded(FINDINGS_SUMMARY),
+            value=coded(WITH_FINDINGS if has_findings else WITHOUT_FINDINGS),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    ]
+    if qualifier:
+        items.append(
+            hd.sr.TextContentItem(
+                name=coded(COMMENT),
+                value=OUTSIDE_RANGE_TEXT.format(reason=qualifier.replace(_QUALIFIER_PREFIX, ""))[:1024],
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
-        ]
-    )
+        )
+    container.ContentSequence = hd.sr.ContentSequence(items)
     return container
 
 
@@ -167,6 +183,7 @@ def _report(
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     ],
     procedure: CodedConcept | None,
+    qualifier: str | None = None,
 ) -> hd.sr.MeasurementReport:
     proc = coded(procedure or procedure_for(volume.modality))
     context = observation_context(job)
@@ -174,7 +191,7 @@ def _report(
         report = hd.sr.MeasurementReport(
             observation_context=context, procedure_reported=proc, imaging_measurements=list(groups)
         )
-        report[0].ContentSequence.append(_summary_container(True))
+        report[0].ContentSequence.append(_summary_container(True, qualifier))
         return report
     # highdicom insists on at least one measurement group; TID 1500 does not (row 12 alone is
     # valid), so the empty report is assembled from the same parts by hand.
@@ -189,8 +206,14 @@ def _report(
             relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
         )
     )
-    root.ContentSequence.append(_summary_container(False))
+    root.ContentSequence.append(_summary_container(False, qualifier))
     return hd.sr.MeasurementReport.from_sequence([root], copy=False)
+
+
+def _qualifier(result: DetectionResult) -> str | None:
+    """The detector's "outside validated range" qualifier (patient-free text), if any."""
+    value = result.extra.get("qualifier") if result.extra else None
+    return str(value) if value else None
 
 
 def _english() -> hd.sr.CodedConcept:
@@ -269,7 +292,7 @@ def build_viewer_sr(
                 measurements=finding_measurements(finding, job),
             )
         )
-    report = _report(job, volume, groups, procedure)
+    report = _report(job, volume, groups, procedure, _qualifier(result))
     return _document(sources.datasets, report, job, identity)
 
 
@@ -324,5 +347,5 @@ def build_volumetric_sr(
                 measurements=measurements,
             )
         )
-    report = _report(job, volume, groups, procedure)
+    report = _report(job, volume, groups, procedure, _qualifier(result))
     return _document([*sources.datasets, seg], report, job, identity)

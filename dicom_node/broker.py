@@ -9,7 +9,9 @@ reconciler re-sends what got lost. This module only makes the transport behave a
 * prefetch 1: a worker holds only the task it runs;
 * visibility timeout well above the task time limit (Redis redelivers unacked messages after it);
 * JSON only (never pickle), no result backend (job state lives in our database);
-* stable task names and one queue per model class, so GPU workers can consume only their queue.
+* stable task names and one queue per model class, so GPU workers can consume only their queue;
+* message priorities (:data:`PRIORITY_STEPS`): a ``stat`` job's message is taken before the
+  ``routine`` ones already waiting in its queue, a ``routine`` one before ``research``.
 
 With ``DICOM_NODE_BROKER_URL`` unset the broker is kombu's SQLAlchemy transport on a SQLite file
 in the data directory: a real broker that needs no server.
@@ -26,6 +28,14 @@ from dicom_node.settings import Settings
 RUN_JOB_TASK = "dicom_node.run_job"
 """Stable task names: part of the message protocol, never renamed."""
 DELIVER_TASK = "dicom_node.deliver"
+
+PRIORITY_STEPS = [0, 3, 6]
+"""Redis keeps one list per queue and step (``cpu``, ``cpu:3``, ``cpu:6``) and a worker pops
+them in this order, so the lowest number wins (kombu's Redis transport: 0 is the highest
+priority). Messages without a priority land in step 0, as before priorities existed."""
+
+CELERY_PRIORITY = {"stat": 0, "routine": 3, "research": 6}
+"""Job priority (route key ``priority``) -> the Celery message priority on Redis."""
 
 DEFAULT_QUEUE = "cpu"
 DELIVERY_QUEUE = "delivery"
@@ -46,6 +56,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "health_check_interval": 25,
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
+            # Priority lists per queue. Across queues (a worker on `cpu` and `delivery`) kombu
+            # pops every queue's step 0 before any step 3, so the default round-robin queue
+            # order is kept: "priority" order would starve `delivery` behind `cpu`.
+            "priority_steps": PRIORITY_STEPS,
+            "sep": ":",
         }
     return {
         "broker_url": settings.resolved_broker_url,
@@ -87,10 +102,21 @@ def make_celery(settings: Settings, name: str = "dicom_node") -> Celery:
     return app
 
 
-def publish_job(app: Celery, task: str, job_id: str, *, queue: str, task_id: str) -> None:
+def publish_job(
+    app: Celery,
+    task: str,
+    job_id: str,
+    *,
+    queue: str,
+    task_id: str,
+    priority: str | None = None,
+) -> None:
     """Send one job message. Raises on broker errors instead of retrying (the outbox retries).
 
-    The message holds the job id only: no patient data, no UIDs.
+    The message holds the job id only: no patient data, no UIDs. ``priority`` (``stat``,
+    ``routine``, ``research``; None: ``routine``) becomes the message priority. The embedded
+    broker (kombu's SQLAlchemy transport) ignores it; there the dispatcher's order (stat
+    first) is all there is.
     """
     app.send_task(
         task,
@@ -99,4 +125,5 @@ def publish_job(app: Celery, task: str, job_id: str, *, queue: str, task_id: str
         task_id=task_id,
         retry=False,
         argsrepr="(job)",
+        priority=CELERY_PRIORITY.get(priority or "routine", CELERY_PRIORITY["routine"]),
     )

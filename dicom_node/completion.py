@@ -158,6 +158,7 @@ def complete_study(
                 series_uids=list(decision.series_uids),
                 destinations=list(decision.destinations),
                 supersedes_id=previous,
+                priority=decision.priority,
             )
             job_id = create_job(s, spec, now)
             if job_id is None:

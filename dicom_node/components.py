@@ -15,6 +15,14 @@ def build_components(settings: Settings, service: Any) -> list[Any]:
 
     db = open_database(settings.resolved_database_url)
     components: list[Any] = [PipelineLoop(settings, db)]
+    if settings.probes.interval_s and settings.all_destinations():
+        from dicom_node.delivery.probe import Prober
+
+        components.append(Prober(settings, db))
+    if settings.alerts.webhooks:
+        from dicom_node.alerts.monitor import AlertMonitor
+
+        components.append(AlertMonitor(settings, db))
     if settings.http_port:
         from dicom_node.api.server import HttpServer
 

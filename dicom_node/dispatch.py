@@ -4,6 +4,10 @@ A job row and its outbox record are written in one transaction (by completion, r
 reconciler). The dispatcher sends the message, then deletes the record. If the broker is down,
 the record stays and is sent once the broker is back: ingest never depends on the broker.
 A crash between send and delete sends the message twice, which the job claim makes harmless.
+
+Due records go out by job priority (``stat``, then ``routine`` — also a job from before
+priorities, NULL —, then ``research``), oldest first within one priority, and each message
+carries its job's priority for the broker (:func:`dicom_node.broker.publish_job`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 from datetime import datetime
 
 from celery import Celery
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, or_, select, update
 
 from dicom_node.broker import publish_job
 from dicom_node.state import Database, Job, JobState, Outbox, utcnow
@@ -20,6 +24,11 @@ from dicom_node.state import Database, Job, JobState, Outbox, utcnow
 LOGGER = logging.getLogger(__name__)
 
 BATCH = 200
+
+PRIORITY_ORDER = case(
+    (Job.priority == "stat", 0), (Job.priority == "research", 2), else_=1
+)
+"""Sort key of a job's priority at dispatch (NULL: a job from before priorities, routine)."""
 
 
 class Dispatcher:
@@ -36,18 +45,27 @@ class Dispatcher:
         with self.db.session() as s:
             rows = list(
                 s.execute(
-                    select(Outbox.id, Outbox.job_id, Outbox.task, Outbox.queue, Job.dispatch_count)
+                    select(
+                        Outbox.id,
+                        Outbox.job_id,
+                        Outbox.task,
+                        Outbox.queue,
+                        Job.dispatch_count,
+                        Job.priority,
+                    )
                     .join(Job, Job.id == Outbox.job_id)
                     .where(or_(Outbox.not_before.is_(None), Outbox.not_before <= now))
-                    .order_by(Outbox.id)
+                    .order_by(PRIORITY_ORDER, Outbox.id)
                     .limit(BATCH)
                 ).all()
             )
         sent = 0
-        for outbox_id, job_id, task, queue, count in rows:
+        for outbox_id, job_id, task, queue, count, priority in rows:
             task_id = f"job-{job_id}-{count + 1}"
             try:
-                publish_job(self.app, task, job_id, queue=queue, task_id=task_id)
+                publish_job(
+                    self.app, task, job_id, queue=queue, task_id=task_id, priority=priority
+                )
             except Exception as exc:
                 self._broker_failed(outbox_id, exc)
                 break  # the broker is down: keep the rest for the next round

@@ -9,13 +9,17 @@ Two sources, one ``/metrics`` page:
   :func:`prepare_multiprocess` must run before anything imports ``prometheus_client`` (the mode
   is chosen at import); this module therefore imports it only inside functions.
 * **Job metrics** (jobs by state, queue depth, stage latency histograms, deliveries, inference
-  time and positive rate per model) come from the state database when Prometheus scrapes, by
-  :class:`StateCollector`: the database is the source of truth, and workers may run on other
-  machines where no counter of ours could be read.
+  time and positive rate per model and model version) come from the state database when
+  Prometheus scrapes, by :class:`StateCollector`: the database is the source of truth, and
+  workers may run on other machines where no counter of ours could be read.
+* **Health gauges** for alerting (free disk space, destination up/down, the oldest waiting job
+  and queue age per priority) come from :mod:`dicom_node.alerts.health`, the same functions the
+  alert monitor uses for its webhooks.
 
 Metric names start with ``dicom_node_`` and carry their unit (``_seconds``, ``_bytes``);
 counters end in ``_total``. No label ever holds patient data: labels are DIMSE status codes,
-outcomes, job states, model names, queue names and destination names from the settings.
+outcomes, job states, model names and versions, queue names, priorities and destination names
+from the settings.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ inference or a delivery with retries (minutes)."""
 
 TURNAROUND_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 """Upper bounds (s) from job creation (study complete) to its terminal state."""
+
+MAX_VERSIONS_PER_MODEL = 8
+"""Model versions kept per model in the per-version series (the most recently finished ones):
+a version is one weights update, so this bounds the label set of a model updated for years."""
 
 FINISHED_LOOKBACK = timedelta(minutes=10)
 """Finished jobs are read incrementally; each scrape looks this far behind the newest
@@ -266,12 +274,33 @@ class _Finished:
     """Cumulative observations of finished jobs, built incrementally across scrapes."""
 
     stages: dict[str, _Histogram] = field(default_factory=dict)
-    turnaround: dict[str, _Histogram] = field(default_factory=dict)
-    inference: dict[str, _Histogram] = field(default_factory=dict)
-    finished: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    results: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    turnaround: dict[tuple[str, str], _Histogram] = field(default_factory=dict)
+    inference: dict[tuple[str, str], _Histogram] = field(default_factory=dict)
+    finished: dict[tuple[str, str, str], int] = field(default_factory=lambda: defaultdict(int))
+    results: dict[tuple[str, str, str], int] = field(default_factory=lambda: defaultdict(int))
+    versions: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    """(model, version) -> newest finish seen, to keep :data:`MAX_VERSIONS_PER_MODEL`."""
     seen: dict[str, datetime] = field(default_factory=dict)
     watermark: datetime | None = None
+
+    def forget_old_versions(self) -> None:
+        """Drop the series of all but the newest :data:`MAX_VERSIONS_PER_MODEL` versions of
+        each model."""
+        by_model: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
+        for (model, version), last in self.versions.items():
+            by_model[model].append((last, version))
+        old = {
+            (model, version)
+            for model, seen in by_model.items()
+            for _, version in sorted(seen, reverse=True)[MAX_VERSIONS_PER_MODEL:]
+        }
+        if not old:
+            return
+        for table in (self.turnaround, self.inference, self.finished, self.results):
+            for key in [k for k in table if (k[0], k[1]) in old]:
+                del table[key]  # type: ignore[arg-type]
+        for key in old:
+            del self.versions[key]
 
 
 class StateCollector:
@@ -284,8 +313,11 @@ class StateCollector:
     :data:`FINISHED_LOOKBACK`), so the cost of a scrape does not grow with years of history.
     """
 
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, settings: Any = None) -> None:
         self.db = db
+        self.settings = settings
+        """:class:`~dicom_node.settings.Settings`, for the health gauges (disks, configured
+        destinations); without it only what the database knows is reported."""
         self._lock = threading.Lock()
         self._finished = _Finished()
 
@@ -316,17 +348,20 @@ class StateCollector:
 
     def _current(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        from sqlalchemy import func, select
+        from sqlalchemy import func, literal_column, select
 
         from dicom_node.state import Delivery, Job, JobState, Outbox, utcnow
 
         waiting = (JobState.WAITING.value, JobState.QUEUED.value)
         with self.db.session() as s:
             by_state = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            # NULL: a job from before 0004. A literal, not a parameter: PostgreSQL must see
+            # the same expression in SELECT and GROUP BY.
+            priority = func.coalesce(Job.priority, literal_column("'routine'"))
             by_queue = s.execute(
-                select(Job.queue, func.count(), func.min(Job.created_at))
+                select(Job.queue, priority, func.count(), func.min(Job.created_at))
                 .where(Job.state.in_(waiting))
-                .group_by(Job.queue)
+                .group_by(Job.queue, priority)
             ).all()
             outbox = s.scalar(select(func.count()).select_from(Outbox)) or 0
             deliveries = s.execute(
@@ -348,18 +383,19 @@ class StateCollector:
 
         depth = GaugeMetricFamily(
             f"{PREFIX}_queue_depth",
-            "Jobs waiting for a worker (not yet dispatched, or dispatched and not started), by queue.",
-            labels=["queue"],
+            "Jobs waiting for a worker (not yet dispatched, or dispatched and not started), by queue "
+            "and priority.",
+            labels=["queue", "priority"],
         )
         oldest = GaugeMetricFamily(
             f"{PREFIX}_queue_oldest_job_age_seconds",
-            "Age of the oldest job waiting for a worker, by queue.",
-            labels=["queue"],
+            "Age of the oldest job waiting for a worker, by queue and priority.",
+            labels=["queue", "priority"],
         )
-        for queue, count, first in by_queue:
-            depth.add_metric([queue], float(count))
+        for queue, prio, count, first in by_queue:
+            depth.add_metric([queue, prio], float(count))
             if first is not None:
-                oldest.add_metric([queue], max(0.0, (now - first).total_seconds()))
+                oldest.add_metric([queue, prio], max(0.0, (now - first).total_seconds()))
         yield depth
         yield oldest
         yield GaugeMetricFamily(
@@ -396,6 +432,67 @@ class StateCollector:
         yield state_g
         yield attempts_c
         yield failed_c
+        yield from self._health(now)
+
+    def _health(self, now: datetime) -> Iterator[Any]:
+        """Gauges the alert rules watch (:mod:`dicom_node.alerts.health`)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        from dicom_node.alerts.health import (
+            destination_health,
+            free_bytes,
+            oldest_waiting_by_priority,
+            sqlite_path,
+        )
+
+        configured = self.settings.all_destinations() if self.settings is not None else {}
+        with self.db.session() as s:
+            health = destination_health(s, configured)
+            ages = oldest_waiting_by_priority(s, now)
+
+        up = GaugeMetricFamily(
+            f"{PREFIX}_destination_up",
+            "0 when the destination's latest probe failed or a delivery to it failed since its "
+            "last success (see dicom_node.alerts.health), else 1.",
+            labels=["destination"],
+        )
+        for name, ok in health.items():
+            up.add_metric([name], 1.0 if ok else 0.0)
+        yield up
+
+        oldest = GaugeMetricFamily(
+            f"{PREFIX}_oldest_waiting_job_age_seconds",
+            "Age of the oldest job waiting for a worker (0 when none waits).",
+            value=max(ages.values(), default=0.0),
+        )
+        yield oldest
+        by_priority = GaugeMetricFamily(
+            f"{PREFIX}_queue_age_seconds",
+            "Age of the oldest job waiting for a worker, by priority (0 when none waits).",
+            labels=["priority"],
+        )
+        for priority, age in ages.items():
+            by_priority.add_metric([priority], age)
+        yield by_priority
+
+        if self.settings is None:
+            return
+        spool = free_bytes(self.settings.spool_dir)
+        if spool is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_spool_free_bytes",
+                "Free bytes on the file system of the spool.",
+                value=float(spool),
+            )
+        db_file = sqlite_path(self.settings.resolved_database_url)
+        db_free = free_bytes(db_file) if db_file is not None else None
+        if db_free is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_database_free_bytes",
+                "Free bytes on the file system of the SQLite state database (absent for "
+                "PostgreSQL).",
+                value=float(db_free),
+            )
 
     # -- histograms and counters over finished jobs ---------------------------------------------
 
@@ -409,6 +506,7 @@ class StateCollector:
         q = select(
             Job.id,
             Job.model,
+            Job.model_version,
             Job.state,
             Job.created_at,
             Job.finished_at,
@@ -419,12 +517,15 @@ class StateCollector:
             q = q.where(Job.finished_at >= acc.watermark - FINISHED_LOOKBACK)
         newest = acc.watermark
         with self.db.session() as s:
-            for job_id, model, state, created, finished, timings, findings in s.execute(q):
+            for job_id, model, version, state, created, finished, timings, findings in s.execute(q):
                 if acc.seen.get(job_id) == finished:
                     continue
                 acc.seen[job_id] = finished
                 newest = finished if newest is None or finished > newest else newest
-                self._observe(acc, model, state, created, finished, timings or {}, findings)
+                key = (model, version or "")
+                acc.versions[key] = max(acc.versions.get(key, finished), finished)
+                self._observe(acc, key, state, created, finished, timings or {}, findings)
+        acc.forget_old_versions()
         acc.watermark = newest
         if newest is not None:
             horizon = newest - FINISHED_LOOKBACK
@@ -433,14 +534,14 @@ class StateCollector:
     @staticmethod
     def _observe(
         acc: _Finished,
-        model: str,
+        model: tuple[str, str],
         state: str,
         created: datetime | None,
         finished: datetime,
         timings: dict[str, Any],
         findings: int | None,
     ) -> None:
-        acc.finished[(model, state)] += 1
+        acc.finished[(*model, state)] += 1
         for stage, seconds in timings.items():
             if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
                 acc.stages.setdefault(stage, _Histogram(STAGE_BUCKETS)).observe(float(seconds))
@@ -452,7 +553,7 @@ class StateCollector:
                 max(0.0, (finished - created).total_seconds())
             )
         if findings is not None:
-            acc.results[(model, "positive" if findings > 0 else "negative")] += 1
+            acc.results[(*model, "positive" if findings > 0 else "negative")] += 1
 
     def _finished_families(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -475,49 +576,50 @@ class StateCollector:
 
         turnaround = HistogramMetricFamily(
             f"{PREFIX}_job_turnaround_seconds",
-            "Time from job creation (study complete) to its terminal state, by model.",
-            labels=["model"],
+            "Time from job creation (study complete) to its terminal state, by model and version.",
+            labels=["model", "version"],
         )
-        for model, h in sorted(acc.turnaround.items()):
-            turnaround.add_metric([model], h.buckets(), h.total)
+        for key, h in sorted(acc.turnaround.items()):
+            turnaround.add_metric(list(key), h.buckets(), h.total)
         yield turnaround
 
         inference = HistogramMetricFamily(
             f"{PREFIX}_inference_duration_seconds",
-            "Model inference (detect stage) time per job, by model.",
-            labels=["model"],
+            "Model inference (detect stage) time per job, by model and version.",
+            labels=["model", "version"],
         )
-        for model, h in sorted(acc.inference.items()):
-            inference.add_metric([model], h.buckets(), h.total)
+        for key, h in sorted(acc.inference.items()):
+            inference.add_metric(list(key), h.buckets(), h.total)
         yield inference
 
         finished = CounterMetricFamily(
             f"{PREFIX}_jobs_finished",
-            "Jobs that reached a terminal state, by model and state.",
-            labels=["model", "state"],
+            "Jobs that reached a terminal state, by model, version and state.",
+            labels=["model", "version", "state"],
         )
-        for (model, state), count in sorted(acc.finished.items()):
-            finished.add_metric([model, state], float(count))
+        for key3, count in sorted(acc.finished.items()):
+            finished.add_metric(list(key3), float(count))
         yield finished
 
         results = CounterMetricFamily(
             f"{PREFIX}_model_results",
-            "Finished model runs by result: positive (at least one finding) or negative.",
-            labels=["model", "result"],
+            "Finished model runs by result: positive (at least one finding) or negative, by "
+            "model and version.",
+            labels=["model", "version", "result"],
         )
         ratio = GaugeMetricFamily(
             f"{PREFIX}_model_positive_ratio",
-            "Share of finished model runs with at least one finding, by model.",
-            labels=["model"],
+            "Share of finished model runs with at least one finding, by model and version.",
+            labels=["model", "version"],
         )
-        models = sorted({m for m, _ in acc.results})
-        for model in models:
-            pos = acc.results.get((model, "positive"), 0)
-            neg = acc.results.get((model, "negative"), 0)
-            results.add_metric([model, "positive"], float(pos))
-            results.add_metric([model, "negative"], float(neg))
+        versions = sorted({(m, v) for m, v, _ in acc.results})
+        for model, version in versions:
+            pos = acc.results.get((model, version, "positive"), 0)
+            neg = acc.results.get((model, version, "negative"), 0)
+            results.add_metric([model, version, "positive"], float(pos))
+            results.add_metric([model, version, "negative"], float(neg))
             if pos + neg:
-                ratio.add_metric([model], pos / (pos + neg))
+                ratio.add_metric([model, version], pos / (pos + neg))
         yield results
         yield ratio
 

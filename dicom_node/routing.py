@@ -32,12 +32,14 @@ class SeriesFacts:
 
 @dataclass
 class RouteDecision:
-    """One job to create: a rule, a model, the series it runs on, the destinations."""
+    """One job to create: a rule, a model, the series it runs on, the destinations, and the
+    rule's priority (``stat`` overtakes ``routine``, which overtakes ``research``)."""
 
     rule: str
     model: str
     series_uids: list[str]
     destinations: list[str]
+    priority: str = "routine"
 
 
 @dataclass
@@ -121,7 +123,9 @@ def route(
             destinations = list(rule.destinations) or list(all_destinations)
             for model in rule.models:
                 result.decisions.append(
-                    RouteDecision(rule.name, model, sorted(matched), destinations)
+                    RouteDecision(
+                        rule.name, model, sorted(matched), destinations, rule.priority
+                    )
                 )
 
     for rule in [r for r in rules if not r.fallback]:

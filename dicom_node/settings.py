@@ -34,8 +34,10 @@ from urllib.parse import urlsplit
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -170,12 +172,20 @@ def _read_text(text: str, shape: str) -> Any:
     return pairs
 
 
-def _from_plain_form(fields: Mapping[str, FieldInfo], value: Any, info: ValidationInfo) -> Any:
-    """Turn text given for a list or map field into that list or map (other values pass)."""
+def _from_plain_form(
+    fields: Mapping[str, FieldInfo],
+    value: Any,
+    info: ValidationInfo,
+    shapes: Mapping[str, str] | None = None,
+) -> Any:
+    """Turn text given for a list or map field into that list or map (other values pass).
+
+    ``shapes`` names the shape of fields whose type does not say it (a list whose items are a
+    plain value or a table reads the plain form of the plain value)."""
     field = fields.get(info.field_name or "")
     if not isinstance(value, str) or field is None:
         return value
-    shape = _text_shape(field.annotation)
+    shape = (shapes or {}).get(info.field_name or "") or _text_shape(field.annotation)
     return value if shape is None else _read_text(value, shape)
 
 
@@ -298,15 +308,138 @@ class ScpSettings(_Section):
         return self
 
 
+Role = Literal["viewer", "operator", "admin", "sender", "worker"]
+"""What an HTTP client may do (:mod:`dicom_node.api.auth`): ``viewer`` reads jobs, previews and
+DICOMweb; ``operator`` also retries and cancels jobs and stores over STOW-RS; ``admin`` also
+reads the audit trail and configuration views, and may do everything. ``sender`` may only store
+over STOW-RS (a PACS or scanner), ``worker`` may only read DICOMweb and put result files (a
+remote worker's ``worker.node_token``)."""
+
+ROLES: tuple[str, ...] = get_args(Role)
+
+
+class HttpToken(_Section):
+    """A named bearer token with a role (``[[http.tokens]]``)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x20:@\x7f]+$")
+    """Recorded as the actor in the audit trail (no spaces, ``:`` or ``@``)."""
+    token: SecretStr
+    role: Role = "admin"
+
+    @field_validator("token")
+    @classmethod
+    def _not_empty(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().strip():
+            raise ValueError("a token may not be empty")
+        return v
+
+
+class HttpUser(_Section):
+    """An HTTP basic user with a role (``[http.users.NAME]``)."""
+
+    password: SecretStr
+    role: Role = "admin"
+
+
+def _plain_or_table(value: Any) -> str:
+    """Which form a token or user entry has: ``plain`` (a string) or ``table``."""
+    return "table" if isinstance(value, Mapping | BaseModel) else "plain"
+
+
+TokenEntry = Annotated[
+    Annotated[SecretStr, Tag("plain")] | Annotated[HttpToken, Tag("table")],
+    Discriminator(_plain_or_table),
+]
+"""A token as before roles (a string: an admin) or a table with name, token and role."""
+
+UserEntry = Annotated[
+    Annotated[SecretStr, Tag("plain")] | Annotated[HttpUser, Tag("table")],
+    Discriminator(_plain_or_table),
+]
+"""A password as before roles (an admin) or a table with password and role."""
+
+
+class OidcSettings(_Section):
+    """OpenID Connect: bearer JWTs issued by the site's identity provider (``[http.oidc]``).
+
+    A token is accepted when its signature verifies against the issuer's JWKS and its ``exp``,
+    ``nbf``, ``iss`` and ``aud`` claims hold; its role comes from ``role_claim``."""
+
+    issuer: str
+    """The ``iss`` the tokens carry, e.g. ``https://login.example.org/realms/radiology``."""
+    audience: str
+    """The ``aud`` the tokens must carry (the client id the provider issues them for)."""
+    role_claim: str = "roles"
+    """Claim holding a role name or a list of them; a dotted path reaches into an object
+    (``realm_access.roles``). With several, the highest-ranked one counts."""
+    name_claim: str = "preferred_username"
+    """Claim recorded as the actor in the audit trail (``sub`` when it is missing)."""
+    roles: dict[str, Role] = Field(default_factory=dict)
+    """Provider values (groups, app roles) to node roles; empty: the values are role names."""
+    jwks_url: str | None = None
+    """Where the signing keys are; default: ``jwks_uri`` of the issuer's
+    ``/.well-known/openid-configuration``."""
+    algorithms: list[str] = Field(
+        default_factory=lambda: [
+            "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384"
+        ]
+    )
+    """Signature algorithms accepted (never ``none`` nor a shared-secret HS*)."""
+    leeway: float = Field(default=30.0, ge=0, le=300)
+    """Seconds of clock skew allowed on ``exp`` and ``nbf``."""
+    cache_seconds: float = Field(default=300.0, ge=10)
+    """How long fetched keys are kept before they are fetched again."""
+    timeout: float = Field(default=5.0, gt=0, le=60)
+    """Seconds for one fetch of the configuration or the keys."""
+    ca_certificates: Path | None = None
+    """PEM bundle to verify the provider's HTTPS certificate; default: the system's."""
+
+    @field_validator("issuer", "jwks_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL, got {v!r}")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("must be https (plain http is allowed on loopback only)")
+        return v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, v: list[str]) -> list[str]:
+        weak = [a for a in v if a.lower() == "none" or a.upper().startswith("HS")]
+        if weak or not v:
+            raise ValueError(
+                "give asymmetric algorithms (RS256, ES256, ...); none and HS* are refused"
+            )
+        return v
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpSettings(_Section):
     """The HTTP API, dashboard and DICOMweb endpoints."""
 
     bind: str | None = None
     """Listen address for HTTP; defaults to the node's ``bind``."""
-    tokens: list[SecretStr] = Field(default_factory=list)
-    """Bearer tokens accepted by the API."""
-    users: dict[str, SecretStr] = Field(default_factory=dict)
-    """HTTP basic users (name -> password)."""
+    tokens: list[TokenEntry] = Field(default_factory=list)
+    """Bearer tokens accepted by the API: tables with ``name``, ``token`` and ``role``
+    (:class:`HttpToken`). A plain token string is still accepted and means role ``admin``,
+    named ``token-N`` by its position in the list."""
+    users: dict[str, UserEntry] = Field(default_factory=dict)
+    """HTTP basic users: name -> a table with ``password`` and ``role`` (:class:`HttpUser`),
+    or name -> password, which means role ``admin``."""
+    oidc: OidcSettings | None = None
+    """Also accept bearer JWTs from an OpenID Connect provider."""
     ohif_url: str | None = None
     """Base URL of an OHIF viewer; job pages link to ``<ohif_url>/viewer?StudyInstanceUIDs=``."""
     tls_certificate: Path | None = None
@@ -339,10 +472,25 @@ class HttpSettings(_Section):
     ``X-Forwarded-Proto`` are believed: the client address audited and throttled is then the
     one the proxy saw. ``[]`` believes none."""
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_forms(cls, value: Any, info: ValidationInfo) -> Any:
+        # tokens and users take their plain forms (tok1,tok2 / alice:pw) as before roles.
+        return _from_plain_form(
+            cls.model_fields, value, info, shapes={"tokens": "list", "users": "map"}
+        )
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies(cls, v: list[str]) -> list[str]:
         return _check_networks(v)
+
+    @model_validator(mode="after")
+    def _unique_token_names(self) -> HttpSettings:
+        names = [t.name for t in self.tokens if isinstance(t, HttpToken)]
+        if len(names) != len(set(names)):
+            raise ValueError("http.tokens: token names must be unique")
+        return self
 
     @model_validator(mode="after")
     def _tls_files(self) -> HttpSettings:
@@ -416,6 +564,10 @@ class DestinationSettings(_Section):
         return v
 
 
+Priority = Literal["stat", "routine", "research"]
+"""A job's priority (route key ``priority``)."""
+
+
 class RouteRule(_Section):
     """A routing rule: which model runs on which series and where results go."""
 
@@ -437,6 +589,9 @@ class RouteRule(_Section):
     max_slice_thickness: float | None = Field(default=None, gt=0)
     fallback: bool = False
     """A fallback rule applies only when no other rule matched."""
+    priority: Priority = "routine"
+    """``stat`` jobs overtake ``routine`` ones, which overtake ``research`` ones, at dispatch,
+    in the broker's queues and at delivery (:mod:`dicom_node.broker`)."""
 
     @field_validator("body_part", "study_description", "series_description", "manufacturer")
     @classmethod
@@ -467,6 +622,109 @@ class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(default=False, alias="json")
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class AuditSyslogSettings(_Section):
+    """Export of the audit trail as DICOM Audit Messages (PS3.15 A.5, IHE ATNA) over syslog
+    (RFC 5424 messages, RFC 6587 octet-counted frames) on TCP or TLS (RFC 5425)."""
+
+    host: str
+    port: int = Field(default=6514, ge=1, le=65535)
+    """6514 is syslog over TLS (RFC 5425); plain TCP collectors often listen on 601 or 514."""
+    tls: bool = True
+    """TLS >= 1.2 to the collector (ATNA's Secure Node requires it); off: plain TCP."""
+    ca_certificates: Path | None = None
+    """PEM bundle to verify the collector's certificate; default: the system's."""
+    certificate: Path | None = None
+    """PEM certificate (with ``private_key``) presented to the collector (mutual TLS)."""
+    private_key: Path | None = None
+    queue_size: int = Field(default=1000, ge=1, le=1_000_000)
+    """Messages waiting to be sent; beyond it new ones are dropped and counted in /metrics."""
+    timeout: float = Field(default=5.0, gt=0, le=120)
+    """Seconds to connect or send; the sender retries a lost collector after this long."""
+    participant: Literal["study-key", "study-uid", "none"] = "study-key"
+    """What identifies the study in a message: the node's opaque study key (default), the Study
+    Instance UID (what an ATNA repository correlates on), or nothing."""
+    audit_source_id: str | None = None
+    """AuditSourceIdentification; default: ``node_name``."""
+
+    @model_validator(mode="after")
+    def _files(self) -> AuditSyslogSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("audit.syslog.certificate and private_key go together")
+        for name in ("ca_certificates", "certificate", "private_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"audit.syslog.{name}: file {path} does not exist")
+        return self
+
+
+class AuditSettings(_Section):
+    """The audit trail (:mod:`dicom_node.audit`)."""
+
+    syslog: AuditSyslogSettings | None = None
+    """Send audit messages to a syslog collector (ATNA audit record repository)."""
+
+
+AlertEvent = Literal[
+    "job-failed", "destination-down", "destination-recovered", "disk-low", "finding"
+]
+"""What an outgoing webhook can be told (:mod:`dicom_node.alerts`)."""
+
+ALERT_EVENTS: tuple[AlertEvent, ...] = get_args(AlertEvent)
+
+
+class WebhookSettings(_Section):
+    """One ``[[alerts.webhooks]]`` receiver: a URL that gets signed JSON events."""
+
+    url: str
+    secret: SecretStr
+    """Key of the HMAC-SHA256 signature (``X-Dicom-Node-Signature``); at least 16 characters."""
+    events: list[AlertEvent] = Field(default_factory=lambda: list(ALERT_EVENTS))
+    min_finding_mm: float | None = Field(default=None, ge=0)
+    """``finding`` events only for a job with a finding at least this long (mm); unset: any."""
+    timeout: float = Field(default=10.0, gt=0, le=120)
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    """Tries per event (back-off between them, see ``alerts.backoff_*``) before it is dropped."""
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL, got scheme {parts.scheme!r}")
+        return v
+
+    @field_validator("secret")
+    @classmethod
+    def _long_secret(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return v
+
+
+class AlertSettings(_Section):
+    """``[alerts]``: what the node watches and whom it tells (:mod:`dicom_node.alerts`)."""
+
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+    interval: float = Field(default=15.0, gt=0, le=3600)
+    """Seconds between two looks at the state database and the disks."""
+    disk_low_bytes: int = Field(default=5 * 1024**3, ge=0)
+    """``disk-low`` when the spool's (or SQLite database's) file system has less free space."""
+    queue_size: int = Field(default=1000, ge=1, le=100_000)
+    """Events waiting to be sent (or retried); past it new events are dropped and counted."""
+    backoff_initial: float = Field(default=1.0, gt=0)
+    backoff_max: float = Field(default=60.0, gt=0)
+
+
+class ProbeSettings(_Section):
+    """Periodic checks of the destinations (:mod:`dicom_node.delivery.probe`)."""
+
+    interval_s: float = Field(default=300.0, ge=0)
+    """Seconds between two probes of every destination; 0 turns periodic probing off
+    (``dicom-node probe`` still works)."""
+    history: int = Field(default=100, ge=1, le=10000)
+    """Probe results kept per destination (older ones are deleted)."""
 
 
 class Settings(BaseSettings):
@@ -510,6 +768,9 @@ class Settings(BaseSettings):
     destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
     routes: list[RouteRule] = Field(default_factory=list)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
+    audit: AuditSettings = AuditSettings()
+    alerts: AlertSettings = AlertSettings()
+    probes: ProbeSettings = ProbeSettings()
 
     @field_validator("ae_title")
     @classmethod
@@ -600,7 +861,7 @@ class Settings(BaseSettings):
 
     @property
     def http_auth_configured(self) -> bool:
-        return bool(self.http.tokens or self.http.users)
+        return bool(self.http.tokens or self.http.users or self.http.oidc)
 
     @classmethod
     def settings_customise_sources(

@@ -201,7 +201,9 @@ def test_metrics_command_exit_code_when_the_database_is_down(tmp_path: Path) -> 
 # -- the state collector on its own, against both database backends ---------------------------
 
 
-def _finished_job(db: Database, study_id: int, n: int, *, finished_ago: float, detect: float, findings: int) -> str:
+def _finished_job(
+    db: Database, study_id: int, n: int, *, finished_ago: float, detect: float, findings: int, version: str | None = None
+) -> str:
     now = utcnow()
     job_id = f"00000000-0000-0000-0000-{n:012d}"
     with db.session() as s:
@@ -212,6 +214,7 @@ def _finished_job(db: Database, study_id: int, n: int, *, finished_ago: float, d
                 study_version=1,
                 rule="ct",
                 model="m1",
+                model_version=version,
                 state=JobState.DONE.value,
                 input_hash=f"{n:064x}",
                 created_at=now - timedelta(seconds=finished_ago + 10),
@@ -266,6 +269,43 @@ def test_state_collector_counts_each_finished_job_once(database_url: str) -> Non
             job = s.get(Job, "00000000-0000-0000-0000-000000000002")
             job.finished_at = utcnow()
         assert current().value("dicom_node_inference_duration_seconds_count", model="m1") == 4
+    finally:
+        db.dispose()
+
+
+def test_model_metrics_are_per_model_version(sqlite_url: str) -> None:
+    db = open_database(sqlite_url)
+    try:
+        now = utcnow()
+        with db.session() as s:
+            study = Study(study_key="b" * 24, study_instance_uid="1.2.4", first_received_at=now, last_received_at=now)
+            s.add(study)
+            s.flush()
+            study_id = study.id
+        collector = metrics.StateCollector(db)
+
+        def current() -> Scrape:
+            body, _ = metrics.render(collector, this_process=False)
+            return Scrape(body.decode())
+
+        # A weights update: version 1.0 before, 2.0 after; each is its own series.
+        _finished_job(db, study_id, 1, finished_ago=300, detect=4.0, findings=1, version="1.0")
+        _finished_job(db, study_id, 2, finished_ago=200, detect=4.0, findings=0, version="1.0")
+        _finished_job(db, study_id, 3, finished_ago=100, detect=1.0, findings=1, version="2.0")
+        page = current()
+        assert page.value("dicom_node_inference_duration_seconds_sum", model="m1", version="1.0") == 8.0
+        assert page.value("dicom_node_inference_duration_seconds_sum", model="m1", version="2.0") == 1.0
+        assert page.value("dicom_node_model_positive_ratio", model="m1", version="1.0") == 0.5
+        assert page.value("dicom_node_model_positive_ratio", model="m1", version="2.0") == 1.0
+        assert page.value("dicom_node_jobs_finished_total", model="m1", version="2.0", state="done") == 1
+        assert page.value("dicom_node_job_turnaround_seconds_count", model="m1", version="1.0") == 2
+
+        # Bounded: only the newest MAX_VERSIONS_PER_MODEL versions of a model keep series.
+        for n in range(metrics.MAX_VERSIONS_PER_MODEL):
+            _finished_job(db, study_id, 10 + n, finished_ago=50 - n, detect=1.0, findings=0, version=f"3.{n}")
+        page = current()
+        versions = {s.labels["version"] for s in page.samples if s.name == "dicom_node_inference_duration_seconds_count"}
+        assert versions == {f"3.{n}" for n in range(metrics.MAX_VERSIONS_PER_MODEL)}
     finally:
         db.dispose()
 

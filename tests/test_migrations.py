@@ -55,24 +55,33 @@ def release_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def _rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every 0.1.0 table, as the driver returns it, in primary-key order."""
+def _rows(url: str, *, added: bool = True) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every 0.1.0 table, as the driver returns it, in primary-key order.
+
+    ``added=False``: only the columns 0.1.0 had (later revisions add nullable columns, which
+    are checked to be NULL on the old rows instead)."""
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
             meta = sa.MetaData()
             meta.reflect(conn, only=sorted(BASELINE_TABLES))
-            return {
-                name: [
-                    tuple(r)
-                    for r in conn.execute(
-                        sa.select(table).order_by(*table.primary_key.columns)
-                    ).all()
+            out = {}
+            for name, table in meta.tables.items():
+                columns = [
+                    c for c in table.columns if added or c.name not in ADDED_COLUMNS.get(name, ())
                 ]
-                for name, table in meta.tables.items()
-            }
+                query = sa.select(*columns).order_by(*table.primary_key.columns)
+                out[name] = [tuple(r) for r in conn.execute(query).all()]
+            return out
     finally:
         engine.dispose()
+
+
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "studies": ("accession_number_hmac", "patient_id_hmac"),  # 0003: lookup keys
+    "jobs": ("priority",),  # 0004: routing priority
+}
+"""Columns revisions after the baseline added to 0.1.0's tables (nullable: NULL on old rows)."""
 
 
 def _schema(url: str, *, skip: frozenset[str] = frozenset({VERSION_TABLE})) -> dict[str, Any]:
@@ -170,7 +179,14 @@ def test_release_database_upgrades_with_data_intact(release_db: str) -> None:
     try:
         found = migrate.current(db.engine)
         assert (found.revision, found.kind) == (HEAD, "head")
-        assert _rows(release_db) == before_rows  # every value of every row, unchanged
+        # every value of every row, unchanged; the columns added since are NULL on them
+        assert _rows(release_db, added=False) == before_rows
+        with db.engine.connect() as conn:
+            for table, columns in ADDED_COLUMNS.items():
+                for column in columns:
+                    assert conn.execute(
+                        sa.text(f"SELECT count(*) FROM {table} WHERE {column} IS NOT NULL")
+                    ).scalar_one() == 0
         assert _drift(release_db) == []  # and the upgraded schema is the models'
 
         with db.session() as s:  # values as the node reads them

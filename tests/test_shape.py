@@ -64,6 +64,8 @@ EDGE_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         "services",
         frozenset(
             {
+                "alerts",
+                "atna",
                 "audit",
                 "broker",
                 "completion",
@@ -80,6 +82,7 @@ EDGE_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "reconcile",
                 "routing",
                 "scu",
+                "study_lookup",
                 "supervision",
                 "synth",
             }

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from dicom_node import __version__
 from dicom_node.errors import ConfigError, DicomNodeError
@@ -34,7 +35,50 @@ EXIT_UNREACHABLE = 3
 
 LOGGER = logging.getLogger(__name__)
 
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """Give the boolean flags among ``params`` an empty metavar (in place; returns them).
+
+    Typer (0.2x, which carries its own copy of click) prints a type label in the rich help's
+    type column for every option, flags included: ``--json <bool>``, ``--help <bool>``, as if
+    the flag took a value. Its plain-text help skips flags; the rich one only skips a
+    parameter whose metavar is set, so an empty one leaves the column blank. Older Typer
+    (click's ParamType metavars) left out the ``BOOLEAN`` label itself.
+    """
+    for param in params:
+        if getattr(param, "is_flag", False) and getattr(param, "metavar", "") is None:
+            param.metavar = ""
+    return params
+
+
+class NodeGroup(TyperGroup):
+    """The ``dicom-node`` group: every command and sub-command it hands out, and the group
+    itself, show their flags without a type label (:func:`_plain_flags`). Done here once, so
+    a command module (or a plug-in) declares its options the ordinary way."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_command(command, ctx)
+        return command
+
+
+def _plain_command(command: Any, ctx: Any) -> None:
+    # The help option is made on first use and cached; made with this (parent) context, it
+    # gets the same names a sub-command's context inherits from it (-h, --help).
+    _plain_flags(command.get_params(ctx))
+    if isinstance(command, TyperGroup):  # a sub-app (`db`): its commands too
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            if sub is not None:
+                _plain_command(sub, ctx)
+
+
 app = typer.Typer(
+    cls=NodeGroup,
     name="dicom-node",
     help=(
         "An AI node for imaging networks: receives studies over DICOM (C-STORE) and DICOMweb "
@@ -213,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # Typer (>= 0.16) raises its vendored click's exceptions, which are not click's classes.
         if isinstance(exc, click.exceptions.ClickException) or (
-            callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)
+            callable(getattr(exc, "show", None))
+            and isinstance(getattr(exc, "exit_code", None), int)
         ):
             exc.show()  # type: ignore[attr-defined]
             return EXIT_USAGE

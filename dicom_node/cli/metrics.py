@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         db = Database(settings.resolved_database_url)
         try:
             body, _ = node_metrics.render(
-                node_metrics.StateCollector(db),
+                node_metrics.StateCollector(db, settings),
                 receiver_dir=node_metrics.live_run_dir(settings.data_dir),
                 this_process=False,
             )

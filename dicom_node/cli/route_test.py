@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
                     console.print(
                         f"job: rule [bold]{d.rule}[/bold] runs model [bold]{d.model}[/bold] on {len(d.series_uids)} series"
                         f" -> destinations: {', '.join(d.destinations) or '(none configured)'}"
+                        f", priority {d.priority}"
                     )
             else:
                 console.print(f"[yellow]skipped[/yellow]: {result.skip_reason()}")

@@ -184,6 +184,8 @@ class IndexWriter:
         if cached is not None:
             return cached, False
         now = received.received_at
+        # Once per study and process (the row id is cached afterwards), not per instance.
+        lookup_keys = received.study_lookup_keys()
         created = conn.execute(
             self._insert(cast(Table, Study.__table__))
             .values(
@@ -198,6 +200,7 @@ class IndexWriter:
                 version=0,
                 calling_ae_title=received.calling_ae_title,
                 source=received.source,
+                **lookup_keys,
             )
             .on_conflict_do_nothing(index_elements=["study_instance_uid"])
             .returning(Study.__table__.c.id)  # not rowcount: psycopg reports -1 here
@@ -206,8 +209,22 @@ class IndexWriter:
             row = int(created[0])
         else:
             row = conn.execute(select(Study.id).where(Study.study_instance_uid == uid)).scalar_one()
+            self._fill_lookup_keys(conn, row, lookup_keys)
         remember[uid] = row  # cached once the transaction commits
         return row, created is not None
+
+    @staticmethod
+    def _fill_lookup_keys(conn: Connection, study_id: int, keys: Mapping[str, str | None]) -> None:
+        """Give a known study the lookup keys it lacks (indexed before schema revision 0003, or
+        first received without the identifier); a key already there is kept."""
+        studies = cast(Table, Study.__table__)
+        for column, key in keys.items():
+            if key is not None:
+                conn.execute(
+                    update(studies)
+                    .where(studies.c.id == study_id, studies.c[column].is_(None))
+                    .values({column: key})
+                )
 
     def _series_id(
         self, conn: Connection, received: Received, study_id: int, remember: dict[str, int]

@@ -10,6 +10,7 @@ from typing import Any
 from dicom_node.ingest.parser import Parsed
 from dicom_node.spool import Spool
 from dicom_node.state.text import storable_text
+from dicom_node.study_lookup import header_lookup_keys
 from dicom_node.uids import storage_key
 
 
@@ -39,6 +40,11 @@ class Received:
     received_at: datetime
     series_attributes: Callable[[], dict[str, Any]] = field(repr=False, compare=False)
     """The series row's descriptive columns, decoded only when the series is new."""
+    study_lookup_keys: Callable[[], dict[str, str | None]] = field(
+        default=dict, repr=False, compare=False
+    )
+    """The study row's lookup keys (keyed hashes of accession number and patient ID,
+    :mod:`dicom_node.study_lookup`), computed only when the index writes the study row."""
 
     @classmethod
     def of(
@@ -72,6 +78,7 @@ class Received:
             source=source,
             received_at=received_at,
             series_attributes=parsed.series_attributes,
+            study_lookup_keys=lambda: header_lookup_keys(parsed.header, salt),
         )
 
     def instance_values(self) -> dict[str, Any]:

@@ -43,6 +43,7 @@ class JobSpec:
     series_uids: list[str] = field(default_factory=list)
     destinations: list[str] = field(default_factory=list)
     supersedes_id: str | None = None
+    priority: str = "routine"
 
     @property
     def job_id(self) -> str:
@@ -79,6 +80,7 @@ def create_job(
             finished_at=now if skipped else None,
             updated_at=now,
             supersedes_id=spec.supersedes_id,
+            priority=spec.priority,
             timings={},
             summary={},
         )

@@ -1,7 +1,8 @@
 """Tables of the state database: the source of truth for what arrived and what was done.
 
 The index is patient-free: it holds UIDs (needed to find and reference instances), opaque keys,
-sizes, transfer syntaxes and routing attributes, never names, IDs or birth dates.
+sizes, transfer syntaxes and routing attributes, never names, IDs or birth dates (accession
+number and patient ID only as keyed hashes, for lookup: dicom_node.study_lookup).
 """
 
 from __future__ import annotations
@@ -113,10 +114,19 @@ class Study(Base):
     """Number of times the study has been completed (job versions)."""
     calling_ae_title: Mapped[str | None] = mapped_column(String(16), nullable=True)
     source: Mapped[str] = mapped_column(String(16), default="dimse")
+    accession_number_hmac: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """Keyed hash of the Accession Number, for lookup only (dicom_node.study_lookup); NULL for
+    studies indexed before revision 0003 or received without one."""
+    patient_id_hmac: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """Keyed hash of the Patient ID, for lookup only (dicom_node.study_lookup)."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
-    __table_args__ = (Index("ix_studies_dirty_last", "dirty", "last_received_at"),)
+    __table_args__ = (
+        Index("ix_studies_dirty_last", "dirty", "last_received_at"),
+        Index("ix_studies_accession_number_hmac", "accession_number_hmac"),
+        Index("ix_studies_patient_id_hmac", "patient_id_hmac"),
+    )
 
 
 class Series(Base):
@@ -217,6 +227,9 @@ class Job(Base):
     supersedes_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     """The job of the previous version of this study for the same rule and model."""
     dispatch_count: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """``stat``, ``routine`` or ``research`` (the routing rule's); NULL (jobs made before
+    revision 0004) counts as ``routine``."""
 
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", order_by="Delivery.id")
@@ -300,3 +313,20 @@ class AuditEvent(Base):
     study_key: Mapped[str | None] = mapped_column(String(32), nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ProbeResult(Base):
+    """One check of a destination (C-ECHO or QIDO-RS): the recent history per destination,
+    bounded by ``probes.history`` (:mod:`dicom_node.delivery.probe`)."""
+
+    __tablename__ = "probe_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ok: Mapped[bool] = mapped_column(Boolean)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Why the destination is down (no credentials, no patient data)."""
+
+    __table_args__ = (Index("ix_probe_results_destination_at", "destination", "at"),)

@@ -14,16 +14,26 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from dicom_node import audit
 from dicom_node import jobs as jobstate
 from dicom_node.api import job_views
-from dicom_node.api.deps import DatabaseDep, SettingsDep, User
+from dicom_node.api.deps import (
+    DatabaseDep,
+    Operator,
+    Principal,
+    SettingsDep,
+    User,
+    actor_of,
+    require_role,
+)
+from dicom_node.api.routes.studies import lookup_of
 from dicom_node.api.security import cross_site
-from dicom_node.state import Job, JobState, Study
+from dicom_node.state import Job, JobState
+from dicom_node.study_lookup import LookupKind
 
 router = APIRouter(tags=["dashboard"])
 
@@ -34,6 +44,13 @@ STATIC_DIR = WEB_DIR / "static"
 LIST_LIMIT = 100
 REFRESH_SECONDS = 5
 """How often the pages poll the JSON API for changes."""
+
+SEARCH_KINDS = (
+    (LookupKind.ACCESSION_NUMBER.value, "accession number"),
+    (LookupKind.PATIENT_ID.value, "patient ID"),
+    (LookupKind.STUDY_INSTANCE_UID.value, "Study Instance UID"),
+)
+"""The study search box's choices, the one a desk asks by most often first."""
 
 
 def setup(app: FastAPI) -> None:
@@ -118,7 +135,7 @@ def jobs_page(
             limit=LIST_LIMIT,
         )
         models = list(s.scalars(select(Job.model).distinct().order_by(Job.model)))
-        receiving = _receiving_studies(s)
+        receiving = job_views.receiving_studies(s)
     return request.app.state.templates.TemplateResponse(
         request,
         "jobs.html",
@@ -133,32 +150,13 @@ def jobs_page(
                 "to": date_to.isoformat() if date_to else "",
             },
             "receiving": receiving,
+            "search_kinds": SEARCH_KINDS,
+            "search": {"by": SEARCH_KINDS[0][0], "value": ""},
             "limit": LIST_LIMIT,
             "refresh_seconds": REFRESH_SECONDS,
             "user": user,
         },
     )
-
-
-def _receiving_studies(s: Any) -> list[dict[str, Any]]:
-    """Studies still in their quiet period (instances arriving, no job yet)."""
-    rows = s.execute(
-        select(
-            Study.study_key, Study.instance_count, Study.first_received_at, Study.last_received_at
-        )
-        .where(Study.dirty.is_(True))
-        .order_by(Study.last_received_at.desc())
-        .limit(20)
-    ).all()
-    return [
-        {
-            "key": key,
-            "instances": count,
-            "first_received_at": first.isoformat() if first else None,
-            "last_received_at": last.isoformat() if last else None,
-        }
-        for key, count, first, last in rows
-    ]
 
 
 @router.get("/jobs/{job_id}", include_in_schema=False)
@@ -171,30 +169,66 @@ def job_page(
     if view is None:
         raise HTTPException(404, "no such job")
     terminal = JobState(view["state"]).terminal
+    sees = user.allows(job_views.IDENTIFIER_ROLE)
     return request.app.state.templates.TemplateResponse(
         request,
         "job.html",
         {
-            "job": view,
+            "job": job_views.for_reader(view, sees),
             "findings": (view.get("summary") or {}).get("findings") or [],
-            "ohif": ohif_link(settings.http.ohif_url, view["study"].get("study_instance_uid")),
-            "can_retry": terminal and view["model"] != "-",
-            "can_cancel": not terminal,
+            "ohif": ohif_link(settings.http.ohif_url, view["study"].get("study_instance_uid"))
+            if sees
+            else None,
+            "can_retry": terminal and view["model"] != "-" and user.allows("operator"),
+            "can_cancel": not terminal and user.allows("operator"),
             "refresh_seconds": REFRESH_SECONDS,
             "user": user,
         },
     )
 
 
-@router.get(
-    "/api/studies",
-    tags=["jobs"],
-    summary="Studies being received",
-)
-def studies(user: User, db: DatabaseDep) -> dict[str, Any]:
-    """Studies still in their quiet period (instances arriving, no job yet), newest first."""
-    with db.session() as s:
-        return {"receiving": _receiving_studies(s)}
+@router.post("/studies/search", include_in_schema=False)
+def study_search(
+    request: Request,
+    user: User,
+    db: DatabaseDep,
+    by: Annotated[str, Form()],
+    value: Annotated[str, Form()],
+) -> Response:
+    """The search box's answer: the jobs of the studies with this identifier (exact match).
+
+    A form post, not a query string: the identifier never appears in a URL. Audited like
+    ``GET /api/studies``, without the identifier."""
+    if cross_site(request.headers):  # BrowserProtections refuses these first; kept as a guard
+        raise HTTPException(403, "cross-site request refused")
+    require_role(job_views.IDENTIFIER_ROLE)(request)  # 403 (audited) for a viewer
+    labels = dict(SEARCH_KINDS)
+    context: dict[str, Any] = {
+        "search_kinds": SEARCH_KINDS,
+        "search": {"by": by, "value": value, "label": labels.get(by, "identifier")},
+        "found": None,
+        "error": None,
+        "refresh_seconds": REFRESH_SECONDS,
+        "user": user,
+    }
+    status = 200
+    try:
+        if by not in labels:
+            raise HTTPException(400, "choose what to search by")
+        lookup = lookup_of(
+            **{kind.value: value if kind.value == by else None for kind in LookupKind}
+        )
+        if lookup is None:  # pragma: no cover - a form field is never missing (422 first)
+            raise HTTPException(400, "nothing to search for")
+        context["found"] = job_views.find_study_jobs(
+            db, lookup[0], lookup[1], actor=str(user), via="dashboard", limit=LIST_LIMIT
+        )
+    except HTTPException as exc:
+        context["error"] = exc.detail
+        status = exc.status_code
+    return request.app.state.templates.TemplateResponse(
+        request, "studies.html", context, status_code=status
+    )
 
 
 # -- preview ------------------------------------------------------------------------------------
@@ -215,13 +249,24 @@ def studies(user: User, db: DatabaseDep) -> dict[str, Any]:
         404: {"description": "No such job."},
     },
 )
-def preview(job_id: str, user: User, db: DatabaseDep, settings: SettingsDep) -> Response:
-    """Render (or take from the cache) the job's preview PNG, server-side."""
+def preview(
+    job_id: str, request: Request, user: User, db: DatabaseDep, settings: SettingsDep
+) -> Response:
+    """Render (or take from the cache) the job's preview PNG, server-side. Audited (a read of
+    patient images)."""
     from dicom_node.preview import job_preview
 
     result = job_preview(settings, db, job_id)
     if result is None:
         raise HTTPException(404, "no such job")
+    audit.record(
+        db,
+        audit.PHI_READ,
+        actor=actor_of(user, request),
+        study_key=jobstate.study_key_of(db, job_id),
+        job_id=job_id,
+        what="preview",
+    )
     headers = {"X-Preview": "placeholder" if result.placeholder else "image"}
     return Response(result.png, media_type="image/png", headers=headers)
 
@@ -229,7 +274,7 @@ def preview(job_id: str, user: User, db: DatabaseDep, settings: SettingsDep) -> 
 # -- actions ------------------------------------------------------------------------------------
 
 
-def _action(request: Request, user: str, db: Any, job_id: str, action: str) -> Response:
+def _action(request: Request, user: Principal, db: Any, job_id: str, action: str) -> Response:
     if cross_site(request.headers):  # BrowserProtections refuses these first; kept as a guard
         raise HTTPException(403, "cross-site request refused")
     with db.session() as s:
@@ -240,7 +285,7 @@ def _action(request: Request, user: str, db: Any, job_id: str, action: str) -> R
     audit.record(
         db,
         audit.HTTP_ACTION,
-        actor=user,
+        actor=user.name,
         outcome="success" if done else "failure",
         study_key=jobstate.study_key_of(db, job_id),
         job_id=job_id,
@@ -267,7 +312,7 @@ def _action(request: Request, user: str, db: Any, job_id: str, action: str) -> R
     tags=["jobs"],
     responses={409: {"description": "The job is not finished, or has no model to run."}},
 )
-def retry(job_id: str, request: Request, user: User, db: DatabaseDep) -> Response:
+def retry(job_id: str, request: Request, user: Operator, db: DatabaseDep) -> Response:
     """Run a finished (done, failed, skipped, cancelled) job again from the start. Audited."""
     return _action(request, user, db, job_id, "retry")
 
@@ -277,7 +322,7 @@ def retry(job_id: str, request: Request, user: User, db: DatabaseDep) -> Respons
     tags=["jobs"],
     responses={409: {"description": "The job has already finished."}},
 )
-def cancel(job_id: str, request: Request, user: User, db: DatabaseDep) -> Response:
+def cancel(job_id: str, request: Request, user: Operator, db: DatabaseDep) -> Response:
     """Cancel a job that has not finished; a running attempt stops at its next lease
     renewal. Audited."""
     return _action(request, user, db, job_id, "cancel")

@@ -6,6 +6,11 @@
 * ``GET /dicom-web/studies``, ``.../series``, ``.../instances`` — QIDO-RS by UID.
 
 Responses and errors never quote a UID from the request; logs carry counts and study keys only.
+
+Roles (:func:`dicom_node.api.auth.require_role`): reads need ``operator`` (or ``worker``, a remote
+worker's token); STOW-RS needs ``operator`` or ``sender`` (a PACS or scanner given a token that
+may store and nothing else). Every read of patient data is audited (``phi-read``, with the
+study key and the reader's name; never a UID).
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import logging
 import threading
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from dicom_node import audit, metrics
-from dicom_node.api.deps import DatabaseDep, User
+from dicom_node.api.deps import DatabaseDep, Principal, actor_of, require_role
 from dicom_node.api.limits import BodyTimeout, BodyTooLarge
 from dicom_node.dicomweb import qido, wado
 from dicom_node.dicomweb import stow_receiver as stow
@@ -37,7 +43,7 @@ from dicom_node.errors import StorageError
 from dicom_node.ingest import Ingestor
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
-from dicom_node.state import Database
+from dicom_node.state import Database, Study
 from dicom_node.uids import uid_problem
 
 LOGGER = logging.getLogger(__name__)
@@ -46,6 +52,11 @@ router = APIRouter(prefix="/dicom-web", tags=["dicomweb"])
 
 FEED_BYTES = 1024 * 1024
 """Body bytes gathered before one hop to the worker thread that parses and stores them."""
+
+Reader = Annotated[Principal, Depends(require_role("operator", "worker"))]
+"""WADO-RS and QIDO-RS: people with a role, and remote workers."""
+Storer = Annotated[Principal, Depends(require_role("operator", "sender"))]
+"""STOW-RS: operators and admins, and senders (PACS, scanners)."""
 
 
 class DicomWebBackend:
@@ -100,24 +111,42 @@ def _require_json(request: Request) -> None:
         raise HTTPException(406, "this node answers in application/dicom+json only")
 
 
+def _audit_read(
+    request: Request,
+    user: Principal,
+    db: Database,
+    what: str,
+    study: str | None = None,
+    **detail: Any,
+) -> None:
+    """Record a read of patient data: who, what kind of read, which study (by its key)."""
+    study_key = None
+    if study is not None:
+        with db.session() as s:
+            study_key = s.scalar(select(Study.study_key).where(Study.study_instance_uid == study))
+    audit.record(
+        db, audit.PHI_READ, actor=actor_of(user, request), study_key=study_key, what=what, **detail
+    )
+
+
 # -- STOW-RS ----------------------------------------------------------------------------------
 
 
 @router.post("/studies", summary="STOW-RS: store instances")
-async def store_instances(request: Request, user: User) -> Response:
+async def store_instances(request: Request, user: Storer) -> Response:
     """Store the ``application/dicom`` parts of a ``multipart/related`` body (PS3.18 10.5)."""
     return await _store(request, user, None)
 
 
 @router.post("/studies/{study}", summary="STOW-RS: store instances of one study")
-async def store_study_instances(study: str, request: Request, user: User) -> Response:
+async def store_study_instances(study: str, request: Request, user: Storer) -> Response:
     """As ``POST /dicom-web/studies``; instances of another study fail with A900 (409 if none
     was stored)."""
     _check_uid(study, "the study UID")
     return await _store(request, user, study)
 
 
-async def _store(request: Request, user: str, study: str | None) -> Response:
+async def _store(request: Request, user: Principal, study: str | None) -> Response:
     _require_json(request)
     content_type = parse_media_type(request.headers.get("content-type", ""))
     if content_type.type != MULTIPART_RELATED:
@@ -136,7 +165,7 @@ async def _store(request: Request, user: str, study: str | None) -> Response:
     except StorageError as exc:
         raise HTTPException(503, f"the spool is unavailable: {exc}") from None
     settings = backend.settings
-    actor = f"http:{user}@{request.client.host if request.client else '-'}"
+    actor = actor_of(user, request)
     new_studies: list[str] = []
 
     def on_stored(part: stow.PartOutcome) -> None:
@@ -240,6 +269,7 @@ def _count(result: stow.StowResult) -> None:
 
 def _retrieve(
     request: Request,
+    user: Principal,
     db: Database,
     study: str,
     series: str | None = None,
@@ -251,6 +281,7 @@ def _retrieve(
             406, 'this node serves instances as multipart/related; type="application/dicom"'
         )
     items = _instances_or_404(db, study, series, sop)
+    _audit_read(request, user, db, "wado-rs", study, instances=len(items))
     if not all(transfer_syntax_allowed(i.transfer_syntax_uid, wanted) for i in items):
         raise HTTPException(
             406,
@@ -279,10 +310,16 @@ def _instances_or_404(
 
 
 def _metadata(
-    request: Request, db: Database, study: str, series: str | None = None, sop: str | None = None
+    request: Request,
+    user: Principal,
+    db: Database,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
 ) -> Response:
     _require_json(request)
     items = _instances_or_404(db, study, series, sop)
+    _audit_read(request, user, db, "wado-rs-metadata", study, instances=len(items))
     backend = _backend(request)
     limit = backend.settings.scp.max_decoded_bytes
     out = [
@@ -294,41 +331,43 @@ def _metadata(
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
-def retrieve_study(study: str, request: Request, user: User, db: DatabaseDep) -> Response:
+def retrieve_study(study: str, request: Request, user: Reader, db: DatabaseDep) -> Response:
     """All instances of a study, as stored."""
-    return _retrieve(request, db, study)
+    return _retrieve(request, user, db, study)
 
 
 @router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata")
-def retrieve_study_metadata(study: str, request: Request, user: User, db: DatabaseDep) -> Response:
+def retrieve_study_metadata(
+    study: str, request: Request, user: Reader, db: DatabaseDep
+) -> Response:
     """The DICOM JSON headers (without pixel data) of all instances of a study."""
-    return _metadata(request, db, study)
+    return _metadata(request, user, db, study)
 
 
 @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
 def retrieve_series(
-    study: str, series: str, request: Request, user: User, db: DatabaseDep
+    study: str, series: str, request: Request, user: Reader, db: DatabaseDep
 ) -> Response:
     """All instances of a series, as stored."""
-    return _retrieve(request, db, study, series)
+    return _retrieve(request, user, db, study, series)
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata")
 def retrieve_series_metadata(
-    study: str, series: str, request: Request, user: User, db: DatabaseDep
+    study: str, series: str, request: Request, user: Reader, db: DatabaseDep
 ) -> Response:
     """The DICOM JSON headers of all instances of a series."""
-    return _metadata(request, db, study, series)
+    return _metadata(request, user, db, study, series)
 
 
 @router.get(
     "/studies/{study}/series/{series}/instances/{sop}", summary="WADO-RS: retrieve an instance"
 )
 def retrieve_instance(
-    study: str, series: str, sop: str, request: Request, user: User, db: DatabaseDep
+    study: str, series: str, sop: str, request: Request, user: Reader, db: DatabaseDep
 ) -> Response:
     """One instance, byte for byte as stored."""
-    return _retrieve(request, db, study, series, sop)
+    return _retrieve(request, user, db, study, series, sop)
 
 
 @router.get(
@@ -336,10 +375,10 @@ def retrieve_instance(
     summary="WADO-RS: instance metadata",
 )
 def retrieve_instance_metadata(
-    study: str, series: str, sop: str, request: Request, user: User, db: DatabaseDep
+    study: str, series: str, sop: str, request: Request, user: Reader, db: DatabaseDep
 ) -> Response:
     """The DICOM JSON header of one instance."""
-    return _metadata(request, db, study, series, sop)
+    return _metadata(request, user, db, study, series, sop)
 
 
 # -- QIDO-RS ----------------------------------------------------------------------------------
@@ -348,7 +387,7 @@ def retrieve_instance_metadata(
 @router.get("/studies", summary="QIDO-RS: search for studies")
 def search_studies(
     request: Request,
-    user: User,
+    user: Reader,
     db: DatabaseDep,
     study_instance_uid: Annotated[str | None, Query(alias="StudyInstanceUID")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -364,6 +403,9 @@ def search_studies(
         limit=limit,
         offset=offset,
     )
+    _audit_read(
+        request, user, db, "qido-rs", study_instance_uid, level="study", results=len(results)
+    )
     return _dicom_json(results)
 
 
@@ -371,7 +413,7 @@ def search_studies(
 def search_series(
     study: str,
     request: Request,
-    user: User,
+    user: Reader,
     db: DatabaseDep,
     series_instance_uid: Annotated[str | None, Query(alias="SeriesInstanceUID")] = None,
     modality: Annotated[str | None, Query(alias="Modality")] = None,
@@ -386,11 +428,13 @@ def search_series(
         modality=modality,
         base_url=_base_url(request),
     )
+    _audit_read(request, user, db, "qido-rs", study, level="series", results=len(results))
     return _dicom_json(results)
 
 
 def _search_instances(
     request: Request,
+    user: Principal,
     db: Database,
     study: str,
     series: str | None,
@@ -401,6 +445,7 @@ def _search_instances(
     _require_json(request)
     _check_uid(study, "the study UID")
     items = wado.find_instances(db, study, series, sop, limit=limit, offset=offset)
+    _audit_read(request, user, db, "qido-rs", study, level="instance", results=len(items))
     base = _base_url(request)
     return _dicom_json([qido.instance_result(i, base) for i in items])
 
@@ -409,7 +454,7 @@ def _search_instances(
 def search_study_instances(
     study: str,
     request: Request,
-    user: User,
+    user: Reader,
     db: DatabaseDep,
     series_instance_uid: Annotated[str | None, Query(alias="SeriesInstanceUID")] = None,
     sop_instance_uid: Annotated[str | None, Query(alias="SOPInstanceUID")] = None,
@@ -418,7 +463,7 @@ def search_study_instances(
 ) -> Response:
     """Instances of a study (matching on SeriesInstanceUID and SOPInstanceUID)."""
     return _search_instances(
-        request, db, study, series_instance_uid, sop_instance_uid, limit, offset
+        request, user, db, study, series_instance_uid, sop_instance_uid, limit, offset
     )
 
 
@@ -430,7 +475,7 @@ def search_series_instances(
     study: str,
     series: str,
     request: Request,
-    user: User,
+    user: Reader,
     db: DatabaseDep,
     sop_instance_uid: Annotated[str | None, Query(alias="SOPInstanceUID")] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
@@ -438,4 +483,4 @@ def search_series_instances(
 ) -> Response:
     """Instances of a series (matching on SOPInstanceUID)."""
     _check_uid(series, "the series UID")
-    return _search_instances(request, db, study, series, sop_instance_uid, limit, offset)
+    return _search_instances(request, user, db, study, series, sop_instance_uid, limit, offset)

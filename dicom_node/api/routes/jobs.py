@@ -40,6 +40,8 @@ def list_jobs(
             limit=limit,
             offset=offset,
         )
+    sees = user.allows(job_views.IDENTIFIER_ROLE)
+    items = [job_views.for_reader(item, sees) for item in items]
     return {"jobs": items, "count": len(items), "offset": offset}
 
 
@@ -50,4 +52,4 @@ def get_job(job_id: str, user: User, db: DatabaseDep) -> dict[str, Any]:
         view = job_views.get_job(s, job_id)
     if view is None:
         raise HTTPException(404, "no such job")
-    return view
+    return job_views.for_reader(view, user.allows(job_views.IDENTIFIER_ROLE))

@@ -18,19 +18,25 @@ Receiver metrics, summed over all receiver processes:
 `dicom_node_associations_active`.
 
 From the state database at scrape time: `dicom_node_jobs{state}`,
-`dicom_node_queue_depth{queue}`, `dicom_node_queue_oldest_job_age_seconds{queue}`,
+`dicom_node_queue_depth{queue,priority}`, `dicom_node_queue_oldest_job_age_seconds{queue,priority}`,
 `dicom_node_outbox_records`, `dicom_node_deliveries{destination,state}`,
 `dicom_node_delivery_attempts_total{destination}`, `dicom_node_delivery_failures_total{destination}`,
-histograms `dicom_node_job_stage_duration_seconds{stage}`, `dicom_node_job_turnaround_seconds{model}`,
-`dicom_node_inference_duration_seconds{model}`, counters `dicom_node_jobs_finished_total{model,state}`,
-`dicom_node_model_results_total{model,result}`, gauge `dicom_node_model_positive_ratio{model}`, and
-`dicom_node_state_database_up`."""
+histograms `dicom_node_job_stage_duration_seconds{stage}`, `dicom_node_job_turnaround_seconds{model,version}`,
+`dicom_node_inference_duration_seconds{model,version}`, counters
+`dicom_node_jobs_finished_total{model,version,state}`,
+`dicom_node_model_results_total{model,version,result}`, gauge
+`dicom_node_model_positive_ratio{model,version}`, and `dicom_node_state_database_up`.
+
+Health, for alerting (`docker/prometheus/alerts.yml`): `dicom_node_destination_up{destination}`,
+`dicom_node_oldest_waiting_job_age_seconds`, `dicom_node_queue_age_seconds{priority}`,
+`dicom_node_spool_free_bytes`, `dicom_node_database_free_bytes` (SQLite only), and
+`dicom_node_webhooks_total{outcome}` when webhooks are configured."""
 
 
 def setup(app: FastAPI) -> None:
     from dicom_node import metrics
 
-    app.state.metrics_collector = metrics.StateCollector(app.state.db)
+    app.state.metrics_collector = metrics.StateCollector(app.state.db, app.state.settings)
     # Create the receiver series at zero in this process, so that they exist (and rates work)
     # before the first association arrives.
     m = metrics._receiver_metrics()

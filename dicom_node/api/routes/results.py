@@ -4,7 +4,8 @@ the node's central result store (:mod:`dicom_node.results_store`).
 The worker names itself with ``X-Lease-Owner`` and the file with ``X-Content-SHA256``. Only the
 worker that holds the job's lease while it runs may store (409 otherwise: a worker presumed dead
 changes nothing), and the file is kept only if its bytes match the checksum (400). Bodies may be
-as large as ``http.max_stow_bytes`` (:mod:`dicom_node.api.limits`).
+as large as ``http.max_stow_bytes`` (:mod:`dicom_node.api.limits`). It needs the ``worker`` role
+(``admin`` stands in for it: a plain token, as before roles, is an admin token).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import tempfile
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from dicom_node import jobs
-from dicom_node.api.deps import User
+from dicom_node.api.deps import Principal, require_role
 from dicom_node.logs import log_context
 from dicom_node.results_store import ResultStore, ResultStoreError, check_job_id, check_name
 from dicom_node.state import Database, JobState
@@ -27,6 +28,9 @@ from dicom_node.state import Database, JobState
 LOGGER = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api", tags=["results"])
+
+Worker = Annotated[Principal, Depends(require_role("worker"))]
+"""A remote worker's token (``worker.node_token`` on the worker, ``role = "worker"`` here)."""
 
 
 def _chunks(fh: Any) -> Iterator[bytes]:
@@ -39,7 +43,7 @@ async def put_result(
     job_id: str,
     name: str,
     request: Request,
-    user: User,
+    user: Worker,
     lease_owner: Annotated[str, Header(alias="X-Lease-Owner", max_length=128)],
     content_sha256: Annotated[str, Header(alias="X-Content-SHA256", pattern=r"^[0-9a-fA-F]{64}$")],
 ) -> dict[str, Any]:

@@ -10,6 +10,11 @@ Revisions, oldest first (``versions/``):
   and upgraded from there.
 * ``0002`` — indexes on the foreign keys that completion, QIDO-RS and the reconciler look rows
   up by.
+* ``0003`` — keyed hashes of the accession number and patient ID on ``studies``, indexed, for
+  finding a study (:mod:`dicom_node.study_lookup`); NULL on the rows already there.
+* ``0004`` — ``jobs.priority`` (``stat``, ``routine``, ``research``; NULL on the rows already
+  there, read as ``routine``) and the ``probe_results`` table (the recent checks of each
+  destination, :mod:`dicom_node.delivery.probe`).
 
 Adding a revision (the models in :mod:`dicom_node.state.models` change in the same commit):
 
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HEAD = "0002"
+HEAD = "0004"
 """The newest revision this code knows. The fast start-up check compares against it without
 loading Alembic; tests/test_migrations.py checks it equals the head of ``versions/``."""
 

@@ -83,8 +83,12 @@
     const model = el("td", { text: job.model });
     if (job.model_version) model.append(" ", el("span", { className: "version", text: job.model_version }));
     const reason = job.reason || "";
+    const state = el("td", {}, [el("span", { className: "state state-" + job.state, text: job.state })]);
+    if (job.priority && job.priority !== "routine") {
+      state.append(" ", el("span", { className: "priority priority-" + job.priority, text: job.priority }));
+    }
     return el("tr", { "data-job-id": job.id, "data-state": job.state }, [
-      el("td", {}, [el("span", { className: "state state-" + job.state, text: job.state })]),
+      state,
       el("td", {}, [el("a", { href: "/jobs/" + encodeURIComponent(job.id) }, [el("code", { text: job.id.slice(0, 8) })])]),
       el("td", {}, [
         el("code", { text: job.study.key.slice(0, 12) }),

@@ -34,7 +34,10 @@ from tests.peers import (
     wait_until,
 )
 
-SCREENSHOTS = Path("/work/notes/screens") if os.environ.get("DICOM_NODE_SCREENSHOTS") else None
+SCREENSHOTS = (
+    Path(os.environ["DICOM_NODE_SCREENSHOTS"]) if os.environ.get("DICOM_NODE_SCREENSHOTS") else None
+)
+"""A folder the screenshots are copied to (e.g. docs/screenshots), when set."""
 
 ADMIN_TOKEN = "probe-admin-token"
 VIEWER_TOKEN = "probe-viewer-token"

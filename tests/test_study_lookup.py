@@ -7,6 +7,7 @@ reach the node's log, and every lookup is audited without them."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +25,16 @@ from tests.peers import NodeProcess, storescu, wait_until
 
 TOKEN = "lookup-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+OPERATOR = "it-desk"
+VIEWER_TOKEN = "lookup-test-viewer-token"
 USER, PASSWORD = "front-desk", "lookup-test-password"
 
 # Identifiers that appear nowhere else in the node's world (so a leak is unmistakable).
+SCREENSHOTS = (
+    Path(os.environ["DICOM_NODE_SCREENSHOTS"]) if os.environ.get("DICOM_NODE_SCREENSHOTS") else None
+)
+"""A folder the search page's screenshot is copied to (e.g. docs/screenshots), when set (read
+at import: the suite's fixtures clear every ``DICOM_NODE_*`` variable)."""
 ACCESSION_A, ACCESSION_B = "QZACC-7731", "QZACC-7732"
 PATIENT = "QZPAT-55501"
 
@@ -59,7 +67,12 @@ def _start_node(tmp_path: Path, database_url: str) -> NodeProcess:
             "DICOM_NODE_DATABASE_URL": database_url,
             "DICOM_NODE_STABLE_SECONDS": "1",
             "DICOM_NODE_WORKER__EMBEDDED_WORKERS": "0",
-            "DICOM_NODE_HTTP__TOKENS": json.dumps([TOKEN]),
+            "DICOM_NODE_HTTP__TOKENS": json.dumps(
+                [
+                    {"name": OPERATOR, "token": TOKEN, "role": "operator"},
+                    {"name": "ris", "token": VIEWER_TOKEN, "role": "viewer"},
+                ]
+            ),
             "DICOM_NODE_HTTP__USERS": json.dumps({USER: PASSWORD}),
         },
     ).start()
@@ -167,6 +180,35 @@ def test_find_a_study_through_the_api_and_the_cli(
         == 401
     )
 
+    # A viewer may not search by identifier, nor see them in the job list (403 is audited).
+    viewer = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
+    refused = requests.get(
+        base + "/api/studies", params={"accession": ACCESSION_A}, headers=viewer, timeout=10
+    )
+    assert refused.status_code == 403 and ACCESSION_A not in refused.text
+    listed = requests.get(base + "/api/jobs", headers=viewer, timeout=10)
+    assert listed.status_code == 200 and uid_a not in listed.text and uid_b not in listed.text
+
+    # The operator who found the study by its accession number retries its job (cancelled
+    # first: no worker runs here, so the job would otherwise stay queued).
+    found_id = job_of[uid_a]
+    post = lambda path: requests.post(base + path, headers=AUTH, timeout=10)  # noqa: E731
+    assert post(f"/api/jobs/{found_id}/cancel").json()["applied"] is True
+    retried = post(f"/api/jobs/{found_id}/retry")
+    assert retried.status_code == 200 and retried.json()["applied"] is True
+    db = Database(database_url)
+    try:
+        with db.session() as s:
+            actions = [
+                (e.actor, e.detail.get("action"))
+                for e in s.scalars(
+                    sa.select(AuditEvent).where(AuditEvent.event == "http-action").order_by(AuditEvent.id)
+                )
+            ]
+    finally:
+        db.dispose()
+    assert actions == [(OPERATOR, "cancel"), (OPERATOR, "retry")]
+
     # The CLI, against the same database (audited as the CLI).
     out = node.run("jobs", "--patient", PATIENT, "--json")
     assert out.returncode == 0, out.stderr
@@ -191,6 +233,7 @@ def test_find_a_study_through_the_api_and_the_cli(
         ("study_instance_uid", "cli", 1),
     ]
     assert audits[0].actor and audits[0].study_key == studies[uid_a].study_key
+    assert all(OPERATOR in (e.actor or "") for e in audits if e.detail["via"] == "api")
     assert audits[2].study_key is None  # two studies: no single key
     for event in audits:
         text = json.dumps(event.detail)
@@ -263,7 +306,10 @@ def test_dashboard_search_box_finds_the_jobs(tmp_path: Path, sqlite_url: str) ->
         assert search("accession_number", ACCESSION_A) == [job_of[uid_a]]
         shots = tmp_path / "screenshots"
         shots.mkdir()
-        browser.screenshot(shots / "study-search.png")
+        shot = browser.screenshot(shots / "study-search.png")
+        if SCREENSHOTS is not None:
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shot, SCREENSHOTS / shot.name)
         assert sorted(search("patient_id", PATIENT)) == sorted(job_of.values())
         assert browser.eval("document.getElementById('found-count').textContent").startswith(
             "2 study(ies), 2 job(s)"

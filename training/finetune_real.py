@@ -3,8 +3,11 @@
 Starts from a weights card (default the shipped ``lung_nodules_fp.json``), keeps its stage 1
 (and so which candidates reach stage 2) and continues training every stage-2 CNN on
 
-* the hard negatives :mod:`training.real_negatives` mined from real scans (their ``label == 0``
-  candidates: outside the tumour boxes and their margin), each weighted ``--real-weight``;
+* the candidates mined from real scans by :mod:`training.real_negatives` (hard negatives:
+  ``label == 0``, outside the tumour boxes and their margin) or by :mod:`training.real_inserted`
+  (the same scans with simulated nodules inserted, whose candidates on them, and on the known
+  tumour, are ``label == 1``): negatives weighted ``--real-weight``, positives
+  ``--real-pos-weight``; ``--exclude`` leaves a patient's scans out (cross-validation folds);
 * the stage-2 patches of training phantoms (``--phantom-seeds``, the same generator, cache and
   labels as ``training/train_fp_reduction.py``), so that what stage 2 knows about nodules stays.
 
@@ -19,6 +22,15 @@ training input; the card names the real scans used so a report never quotes a fi
     .venv/bin/python -m training.finetune_real --real /tmp/realneg --cache /tmp/fp-cache \\
         --phantom-seeds 1000-1007 --val-seeds 1064-1071 --out training/candidates \\
         --name lung_nodules_fp_v2
+
+The cross-validated run behind ``lung_nodules_fp_v3`` (docs/detection.md, "Real chest CT"):
+
+    .venv/bin/python -m training.real_inserted --out /tmp/realins --rounds 5 --per-round 10 \\
+        ../shared/data/real-chest-ct/lung-pet-ct-dx-*
+    .venv/bin/python -m training.finetune_real --real /tmp/realins ... --exclude a0001   # fold A
+    .venv/bin/python -m training.real_inserted --weights FOLD_A.json --seed 2 --rounds 3 \\
+        --out /tmp/evalA ../shared/data/real-chest-ct/lung-pet-ct-dx-a0001-*
+    .venv/bin/python -m training.sweep_real /tmp/evalA /tmp/evalB      # threshold by CV
 """
 
 from __future__ import annotations

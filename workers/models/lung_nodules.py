@@ -212,7 +212,8 @@ class LungNoduleDetector:
             version=VERSION if self._classifier is None else f"{VERSION}+fp{self._classifier.version}",
             family=AI_FAMILY,
             description="Reference lung-nodule detector (multi-scale LoG + learned false-positive "
-            "reduction). Not a medical device; evaluated on synthetic phantoms only.",
+            "reduction, fine-tuned on real lungs). Not a medical device; see its card for the real-scan "
+            "figures and known failure modes.",
             labels=(NODULE,),
             weights_sha256=self._classifier.sha256 if self._classifier else None,
         )

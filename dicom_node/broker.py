@@ -30,7 +30,7 @@ RUN_JOB_TASK = "dicom_node.run_job"
 DELIVER_TASK = "dicom_node.deliver"
 
 PRIORITY_STEPS = [0, 3, 6]
-"""Redis keeps one list per queue and step (``cpu``, ``cpu:3``, ``cpu:6``) and a worker pops
+"""Redis keeps one list per queue and step (``cpu``, then ``cpu`` + kombu's separator ``"\\x06\\x16"`` + ``3``, and + ``6``) and a worker pops
 them in this order, so the lowest number wins (kombu's Redis transport: 0 is the highest
 priority). Messages without a priority land in step 0, as before priorities existed."""
 
@@ -59,8 +59,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # Priority lists per queue. Across queues (a worker on `cpu` and `delivery`) kombu
             # pops every queue's step 0 before any step 3, so the default round-robin queue
             # order is kept: "priority" order would starve `delivery` behind `cpu`.
+            # kombu's default separator is kept: it also separates the fields of Redis's
+            # binding tables, and a client with another one (`celery inspect ping`, the
+            # container healthcheck) could not read them (ValueError in every reply).
             "priority_steps": PRIORITY_STEPS,
-            "sep": ":",
         }
     return {
         "broker_url": settings.resolved_broker_url,

@@ -72,8 +72,8 @@ def test_stat_study_overtakes_the_routine_backlog(
         0.2,
         "the worker busy with a routine job",
     )
-    # The rest wait in Redis, in the routine priority's list (kombu: queue + ":3").
-    waiting = redis_server.client().llen("cpu:3")
+    # The rest wait in Redis, in the routine priority's list (kombu: queue + "\x06\x16" + "3").
+    waiting = redis_server.client().llen("cpu\x06\x163")
     assert waiting >= 3, env.diagnostics()
 
     env.send(ct_series(tmp_path / "stat", slices=6, size=48, description="STAT CHEST CT"))

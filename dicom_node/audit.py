@@ -50,6 +50,9 @@ PHI_READ = "phi-read"
 ``preview`` (study key and counts only; never a UID or a patient identifier)."""
 AUDIT_READ = "audit-read"
 """The audit trail itself was read (``GET /api/audit``, ``dicom-node audit``)."""
+RETENTION_SWEEP = "retention-sweep"
+"""A retention sweep removed files or met disk pressure (:mod:`dicom_node.retention`): counts
+and bytes only, never a study."""
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def _series_facts(s: Session, study: Study) -> list[SeriesFacts]:
             func.coalesce(func.sum(func.coalesce(Instance.number_of_frames, 1)), 0),
         )
         .join(Instance, Instance.series_id == Series.id)
-        .where(Series.study_id == study.id)
+        .where(Series.study_id == study.id, Instance.purged_at.is_(None))
         .group_by(Series.id)
     ).all()
     for series, _count, frames in rows:
@@ -117,7 +117,11 @@ def complete_study(
         if study is None or not study.dirty or study.last_received_at > cutoff:
             return []
         pairs = s.execute(
-            select(Instance.sop_instance_uid, Instance.sha256).where(Instance.study_id == study.id)
+            # What is still on disk: a late instance of a study whose files retention removed
+            # makes a new version over the instances that can be read (dicom_node.retention).
+            select(Instance.sop_instance_uid, Instance.sha256).where(
+                Instance.study_id == study.id, Instance.purged_at.is_(None)
+            )
         ).all()
         input_hash = input_set_hash(f"{uid}:{sha}" for uid, sha in pairs)
         facts = _series_facts(s, study)

@@ -23,6 +23,10 @@ def build_components(settings: Settings, service: Any) -> list[Any]:
         from dicom_node.alerts.monitor import AlertMonitor
 
         components.append(AlertMonitor(settings, db))
+    if settings.retention.interval_s:
+        from dicom_node.retention import RetentionSweeper
+
+        components.append(RetentionSweeper(settings, db))
     if settings.http_port:
         from dicom_node.api.server import HttpServer
 

@@ -475,6 +475,9 @@ class StateCollector:
             by_priority.add_metric([priority], age)
         yield by_priority
 
+        from dicom_node.retention import metric_families
+
+        yield from metric_families(self.db, PREFIX)
         if self.settings is None:
             return
         spool = free_bytes(self.settings.spool_dir)

@@ -556,12 +556,47 @@ class DestinationSettings(_Section):
     read_back: bool = False
     """Verify with QIDO-RS / C-FIND that the objects are there before counting delivery done."""
     tls: TlsSettings = TlsSettings()
+    supersede: Literal["kos", "delete", "none"] = "kos"
+    """What happens to a study's earlier AI results here when a newer version is delivered:
+    ``kos`` sends an IHE IOCM rejection note (a Key Object Selection document titled
+    "Rejected for Quality Reasons" listing them), ``delete`` deletes them through Orthanc's REST
+    API (``orthanc_url``; for an Orthanc that ignores IOCM), ``none`` leaves them."""
+    orthanc_url: str | None = None
+    """Orthanc's REST root (``http(s)://[user:password@]host:port``) for ``supersede =
+    "delete"``; unset: the destination's DICOMweb URL without its trailing ``/dicom-web``."""
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         parse_destination_url(v)
         return v
+
+    @field_validator("orthanc_url")
+    @classmethod
+    def _orthanc_url(cls, v: str | None) -> str | None:
+        if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+            raise ValueError(f"orthanc_url {_redact(v)} must be an http:// or https:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _delete_needs_orthanc(self) -> DestinationSettings:
+        if self.supersede == "delete" and self.orthanc_rest_url is None:
+            raise ValueError(
+                'supersede = "delete" needs orthanc_url (the Orthanc REST root) unless url is '
+                "Orthanc's DICOMweb root ending in /dicom-web"
+            )
+        return self
+
+    @property
+    def orthanc_rest_url(self) -> str | None:
+        """The Orthanc REST root used to delete superseded results (with its credentials)."""
+        if self.orthanc_url is not None:
+            return self.orthanc_url.rstrip("/")
+        parts = urlsplit(self.url)
+        path = parts.path.rstrip("/")
+        if parts.scheme in ("http", "https") and path.endswith("/dicom-web"):
+            return parts._replace(path=path.removesuffix("/dicom-web"), query="").geturl()
+        return None
 
 
 Priority = Literal["stat", "routine", "research"]
@@ -727,6 +762,49 @@ class ProbeSettings(_Section):
     """Probe results kept per destination (older ones are deleted)."""
 
 
+class RetentionSettings(_Section):
+    """``[retention]``: how long received instances and results stay on the node's disk, and
+    the disk watermarks that make room before the C-STORE floor (``scp.min_free_bytes``)
+    refuses ingest (:mod:`dicom_node.retention`).
+
+    The node is not an archive: the PACS keeps the images and the delivered results. Only
+    what is allowed is removed: instances of studies whose jobs are all terminal, results
+    delivered to every destination. The database rows stay (patient-free), marked
+    ``purged_at``. An age of 0 keeps that kind of data by age for ever (the watermarks still
+    apply)."""
+
+    instances_days_done: float = Field(default=30.0, ge=0)
+    """Days the instances of a study are kept after its last job finished, when its jobs all
+    ended ``done``."""
+    instances_days_failed: float = Field(default=90.0, ge=0)
+    """... when one of its jobs ended ``failed`` (time to look into it and retry)."""
+    instances_days_skipped: float = Field(default=30.0, ge=0)
+    """... when its jobs ended ``skipped`` or ``cancelled`` (and none failed)."""
+    results_days: float = Field(default=90.0, ge=0)
+    """Days a finished job's result files (SR, SEG, ...) are kept, once delivered to every
+    destination; a result not delivered everywhere is kept whatever its age."""
+    high_watermark_percent: float = Field(default=90.0, gt=0, le=100)
+    """Used space of the spool's file system at which a sweep purges what is allowed, oldest
+    first, before its age limit."""
+    low_watermark_percent: float = Field(default=80.0, gt=0, le=100)
+    """Used space that sweep brings the file system down to (or as far as allowed)."""
+    floor_margin_bytes: int = Field(default=1024**3, ge=0)
+    """The sweep also starts when free space comes within this of ``scp.min_free_bytes`` (a
+    small disk's percentages could sit below the floor), and goes on to twice this above it."""
+    interval_s: float = Field(default=600.0, ge=0)
+    """Seconds between two sweeps in ``dicom-node serve``; 0 turns the background sweep off
+    (``dicom-node cleanup`` still works)."""
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> RetentionSettings:
+        if self.low_watermark_percent >= self.high_watermark_percent:
+            raise ValueError(
+                f"low_watermark_percent ({self.low_watermark_percent}) must be below "
+                f"high_watermark_percent ({self.high_watermark_percent})"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the node can be told. See the README for the environment variable names."""
 
@@ -771,6 +849,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     alerts: AlertSettings = AlertSettings()
     probes: ProbeSettings = ProbeSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @field_validator("ae_title")
     @classmethod

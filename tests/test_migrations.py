@@ -80,6 +80,8 @@ def _rows(url: str, *, added: bool = True) -> dict[str, list[tuple[Any, ...]]]:
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
     "studies": ("accession_number_hmac", "patient_id_hmac"),  # 0003: lookup keys
     "jobs": ("priority",),  # 0004: routing priority
+    "instances": ("purged_at",),  # 0005: retention
+    "outputs": ("purged_at",),  # 0005: retention
 }
 """Columns revisions after the baseline added to 0.1.0's tables (nullable: NULL on old rows)."""
 

@@ -80,6 +80,7 @@ EDGE_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "metrics",
                 "preview",
                 "reconcile",
+                "retention",
                 "routing",
                 "scu",
                 "study_lookup",

@@ -151,6 +151,10 @@ class JobRunner:
             with stages.stage("encode"):
                 from workers.results import EncodeOptions, JobContext, encode_results
 
+                # From the job's supersedes links, fixed when it was created: a re-run encodes
+                # the same version and rejects the same earlier objects (unless the earlier
+                # job only recorded its results in between).
+                lineage = jobstate.result_lineage(self.db, job_id)
                 context = JobContext(
                     job_id=job_id,
                     study_instance_uid=study_uid,
@@ -159,6 +163,8 @@ class JobRunner:
                     content_datetime=created_at,
                     node_name=self.settings.node_name,
                     ae_title=self.settings.ae_title,
+                    result_version=lineage.version,
+                    superseded=lineage.superseded,
                 )
                 objects = encode_results(
                     volume, result, context, EncodeOptions(dciodvfy=self.settings.worker.dciodvfy)

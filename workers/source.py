@@ -61,7 +61,11 @@ def instance_refs(
                 Instance.sha256,
             )
             .join(Series, Series.id == Instance.series_id)
-            .where(Instance.study_id == study_id, Series.series_instance_uid.in_(series_uids))
+            .where(
+                Instance.study_id == study_id,
+                Series.series_instance_uid.in_(series_uids),
+                Instance.purged_at.is_(None),  # removed by retention: not part of a new input set
+            )
             .order_by(Instance.id)
         ).all()
     for sop, series, path, sha in rows:

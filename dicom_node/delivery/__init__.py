@@ -7,6 +7,10 @@ The job pipeline calls::
     # TransientDeliveryError -> retry after next_delay(attempt, cfg.backoff_initial, cfg.backoff_max)
     # PermanentDeliveryError -> the delivery fails with str(exc) as its reason
 
+A newer result version withdraws the one it supersedes: by an IHE IOCM rejection note, one more
+result object sent like the others, or by deletion through Orthanc's REST API after the new one
+is delivered (:mod:`dicom_node.delivery.withdraw`), per destination (``supersede``).
+
 This package is on the edge: it imports neither torch nor highdicom.
 """
 

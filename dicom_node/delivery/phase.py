@@ -17,6 +17,7 @@ from pathlib import Path
 from dicom_node import audit, jobs
 from dicom_node.delivery.backoff import next_delay
 from dicom_node.delivery.destinations import build_destination
+from dicom_node.delivery.withdraw import delete_superseded
 from dicom_node.delivery.writeback import deliver
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_node.logs import log_context
@@ -25,6 +26,9 @@ from dicom_node.settings import Settings
 from dicom_node.state import Database, DeliveryState, JobState, utcnow
 
 LOGGER = logging.getLogger(__name__)
+
+KOS_KIND = "kos"
+"""Output kind of the IHE IOCM rejection note that withdraws the superseded result set."""
 
 
 class DeliveryPhase:
@@ -57,9 +61,10 @@ class DeliveryPhase:
             LOGGER.warning("lease lost; another attempt owns the job now")
             return "lease-lost"
 
-    def _outputs(self, job_id: str) -> list[Path]:
+    def _outputs(self, job_id: str) -> list[tuple[str, Path]]:
+        """(kind, verified file) of each result object of the job, in the order recorded."""
         return [
-            self.store.verified(o.path, o.size, o.sha256)
+            (o.kind, self.store.verified(o.path, o.size, o.sha256))
             for o in jobs.outputs_of(self.db, job_id)
             if o.kind != "summary"
         ]
@@ -78,6 +83,9 @@ class DeliveryPhase:
             self._audit(job_id, study_key, JobState.QUEUED, outcome="warning", reason=reason)
             return "rerun"
         configured = self.settings.all_destinations()
+        # Withdrawn by deletion where a destination asks for that (supersede = "delete"); the
+        # rejection note (kind "kos") is sent only where it asks for that (the default).
+        superseded: tuple[jobs.ResultRef, ...] | None = None
         now = utcnow()
         for todo in jobs.open_deliveries(self.db, job_id):
             lease.check()
@@ -94,12 +102,20 @@ class DeliveryPhase:
                 )
                 continue
             attempts = todo.attempts + 1
+            files = [path for kind, path in outputs if kind != KOS_KIND or cfg.supersede == "kos"]
+            withdrawn = 0
             try:
-                if outputs:
+                if files:
                     destination = build_destination(
                         todo.destination, cfg, calling_ae_title=self.settings.ae_title
                     )
-                    deliver(destination, outputs, verify=cfg.read_back)
+                    deliver(destination, files, verify=cfg.read_back)
+                if cfg.supersede == "delete":
+                    if superseded is None:
+                        superseded = jobs.result_lineage(self.db, job_id).superseded
+                    if superseded:
+                        # After the new version is there (never a moment with no result).
+                        withdrawn = delete_superseded(todo.destination, cfg, superseded)
             except TransientDeliveryError as exc:
                 if attempts >= cfg.max_attempts:
                     self._record(
@@ -148,7 +164,9 @@ class DeliveryPhase:
                 study_key=study_key,
                 job_id=job_id,
                 destination=todo.destination,
-                objects=len(outputs),
+                objects=len(files),
+                supersede=cfg.supersede,
+                **({"deleted": str(withdrawn)} if cfg.supersede == "delete" else {}),
             )
         seconds = (utcnow() - started).total_seconds()
         return self._settle(job_id, study_key, seconds)

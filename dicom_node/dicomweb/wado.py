@@ -65,7 +65,7 @@ def find_instances(
         )
         .join(Series, Series.id == Instance.series_id)
         .join(Study, Study.id == Instance.study_id)
-        .where(Study.study_instance_uid == study_instance_uid)
+        .where(Study.study_instance_uid == study_instance_uid, Instance.purged_at.is_(None))
         .order_by(Series.id, Instance.id)
     )
     if series_instance_uid is not None:

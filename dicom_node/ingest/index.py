@@ -89,7 +89,8 @@ class IndexWriter:
         self._insert = sqlite_insert if db.is_sqlite else postgresql_insert
         # Statements built once: building them per instance cost more than executing them.
         instances, series, studies = (cast(Table, m.__table__) for m in (Instance, Series, Study))
-        columns = [c.name for c in instances.columns if c.name != "id"]
+        # purged_at is left out: a row being added has its file (NULL, dicom_node.retention).
+        columns = [c.name for c in instances.columns if c.name not in ("id", "purged_at")]
         self._add_instance = (
             self._insert(instances)
             .values({name: bindparam(name, type_=instances.c[name].type) for name in columns})

@@ -51,7 +51,8 @@ class IngestResult:
     reason: str | None = None
     study_key: str | None = None
     duplicate: str | None = None
-    """None, or the action taken: ignored | kept-first | overwritten | rejected."""
+    """None, or the action taken: ignored | kept-first | overwritten | rejected | restored
+    (the copy of an instance whose file retention had removed)."""
     new_study: bool = False
 
     @property
@@ -236,7 +237,25 @@ class Ingestor:
         moved = existing.path != received.path  # same SOP Instance UID, other study/series
         now = received.received_at
         status = STATUS_SUCCESS
-        if identical and not moved:
+        if existing.purged_at is not None and not moved:
+            # Its file was removed by retention (dicom_node.retention): nothing is kept to
+            # compare with, so this copy takes its place and the study is completed again.
+            action = "restored"
+            if not placed:
+                self.spool.replace(temp, received.path)
+            existing.sha256, existing.size, existing.received_at = (
+                received.sha256,
+                received.size,
+                now,
+            )
+            existing.transfer_syntax_uid = received.transfer_syntax_uid
+            existing.purged_at = None
+            s.execute(
+                update(Study)
+                .where(Study.id == existing.study_id)
+                .values(dirty=True, last_received_at=now)
+            )
+        elif identical and not moved:
             action = "ignored"
             self.spool.discard(temp)
         elif self.policy is DuplicatePolicy.OVERWRITE:

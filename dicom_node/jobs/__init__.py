@@ -4,6 +4,8 @@
   lease, finishing;
 * :mod:`dicom_node.jobs.records` — outputs and delivery attempts, written only by the lease
   holder;
+* :mod:`dicom_node.jobs.lineage` — result versions: which earlier result set a job's results
+  supersede;
 * :mod:`dicom_node.jobs.lifecycle` — creating jobs, handing them back for a retry or the next
   delivery attempt, cancel and retry by an operator.
 
@@ -38,6 +40,7 @@ from dicom_node.jobs.lifecycle import (
     retry,
     study_key_of,
 )
+from dicom_node.jobs.lineage import Lineage, ResultRef, result_lineage
 from dicom_node.jobs.records import (
     DeliveryStatus,
     OpenDelivery,
@@ -59,9 +62,11 @@ __all__ = [
     "JobSpec",
     "Lease",
     "LeaseLost",
+    "Lineage",
     "OpenDelivery",
     "OutputRecord",
     "Recorded",
+    "ResultRef",
     "StoredOutput",
     "cancel",
     "claim",
@@ -79,6 +84,7 @@ __all__ = [
     "release_for_retry",
     "renew",
     "rerun_for_missing_results",
+    "result_lineage",
     "retry",
     "study_key_of",
     "update_job",

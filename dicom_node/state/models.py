@@ -167,6 +167,8 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     source: Mapped[str] = mapped_column(String(16), default="dimse")
     number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """When retention removed the spool file (the row stays); NULL while the file is kept."""
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -185,7 +187,7 @@ class DuplicateEvent(Base):
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     identical: Mapped[bool] = mapped_column(Boolean)
-    action: Mapped[str] = mapped_column(String(16))  # ignored | kept-first | overwritten | rejected
+    action: Mapped[str] = mapped_column(String(16))  # ignored | kept-first | overwritten | rejected | restored
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae_title: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
@@ -274,6 +276,8 @@ class Output(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """When retention removed the result file (the row stays); NULL while the file is kept."""
 
     job: Mapped[Job] = relationship(back_populates="outputs")
 

@@ -13,6 +13,9 @@ read a folder of them for callers outside a job (tests, tools).
   when there are none).
 * ``"seg"``: the Segmentation (when at least one finding has a non-empty mask).
 * ``"sr-volumetric"``: only with ``EncodeOptions(volumetric_sr=True)`` and a SEG.
+* ``"kos"``: when the job supersedes an earlier result set (``JobContext.superseded``), the
+  IHE IOCM rejection note that withdraws it (``kos``); sent where a destination's
+  ``supersede`` policy is ``kos``.
 
 UIDs are derived from (study, input-set hash, model name/version/weights, kind, encoding
 profile), and every date and time comes from ``job.content_datetime``, so the same job
@@ -38,6 +41,7 @@ from workers.results.conformance import (
     run_dciodvfy,
 )
 from workers.results.identity import (
+    KIND_KOS,
     KIND_SEG,
     KIND_SR,
     KIND_SR_VOLUMETRIC,
@@ -46,6 +50,7 @@ from workers.results.identity import (
     OutputIdentity,
     output_identity,
 )
+from workers.results.kos import build_rejection_note
 from workers.results.objects import EncodedObject, load_results, write_results
 from workers.results.seg import BINARY, FRACTIONAL, SEGMENTATION_TYPES, build_segmentation
 from workers.results.sources import check_result_matches
@@ -55,6 +60,7 @@ from workers.volume import Volume
 __all__ = [
     "BINARY",
     "FRACTIONAL",
+    "KIND_KOS",
     "KIND_SEG",
     "KIND_SR",
     "KIND_SR_VOLUMETRIC",
@@ -102,6 +108,8 @@ class EncodeOptions:
             return f"seg={self.segmentation_type}"
         if kind == KIND_SR:
             return f"roi={self.roi_shape}"
+        if kind == KIND_KOS:
+            return ""
         return f"seg={self.segmentation_type}"
 
 
@@ -111,11 +119,16 @@ def expected_identities(job: JobContext, options: EncodeOptions | None = None) -
     numbers = dict(options.series_numbers)
     return {
         kind: output_identity(job, kind, profile=options.profile(kind), series_number=numbers.get(kind))
-        for kind in (KIND_SR, KIND_SEG, KIND_SR_VOLUMETRIC)
+        for kind in (KIND_SR, KIND_SEG, KIND_SR_VOLUMETRIC, KIND_KOS)
     }
 
 
-_OBJECT_NAMES = {KIND_SR: "the SR", KIND_SEG: "the SEG", KIND_SR_VOLUMETRIC: "the volumetric SR"}
+_OBJECT_NAMES = {
+    KIND_SR: "the SR",
+    KIND_SEG: "the SEG",
+    KIND_SR_VOLUMETRIC: "the volumetric SR",
+    KIND_KOS: "the rejection note",
+}
 
 
 @contextlib.contextmanager
@@ -143,7 +156,9 @@ def encode_results(
     """Encode ``result`` (found in ``volume``) as DICOM objects, checked by the conformance gate.
 
     Returns the viewer SR first, then the SEG (if any finding has a mask), then the volumetric
-    SR (if asked for and there is a SEG). Raises :class:`~dicom_node.errors.JobError`
+    SR (if asked for and there is a SEG), then the rejection note of the superseded result set
+    (if the job supersedes one; the new objects come first, so they are stored before the old
+    ones are withdrawn). Raises :class:`~dicom_node.errors.JobError`
     (``ConformanceError`` among them) with a patient-free reason when the result cannot be
     encoded or an object fails the gate.
     """
@@ -190,6 +205,12 @@ def encode_results(
                         ),
                     )
                 )
+
+    if job.superseded:
+        with _building(KIND_KOS):
+            objects.append(
+                EncodedObject.from_dataset(KIND_KOS, build_rejection_note(volume, job, ids[KIND_KOS]))
+            )
 
     if options.check:
         facts = SourceFacts.from_volume(volume, job)

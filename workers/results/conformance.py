@@ -17,7 +17,10 @@ that reason instead of sending something the PACS or viewer would mangle. The ru
   name and version; or, when there are no groups, an explicit "without findings" summary.
   The viewer SR additionally must have exactly one 2D SCOORD per group (a type OHIF draws)
   on a source image, no SCOORD3D and no SEG references anywhere (they blank OHIF), and
-  evidence from the source series only.
+  evidence from the source series only. An SR that supersedes one names it in its Predecessor
+  Documents Sequence.
+* KOS (IHE IOCM rejection note, ``workers.results.kos``): title (113001 DCM), TID 2010, and
+  exactly the superseded objects in its content and its evidence, all in the result's study.
 
 :func:`run_dciodvfy` runs the dicom3tools validator (tests use it on every object; at run time
 it is used when installed and asked for). Messages never contain UIDs or patient data.
@@ -41,12 +44,14 @@ from dicom_node.phi import scrub_text
 from dicom_node.uids import uid_problem
 from workers.results.identity import (
     AIR_PROCESSING_ALGORITHM,
+    KIND_KOS,
     KIND_SEG,
     KIND_SR,
     KIND_SR_VOLUMETRIC,
     JobContext,
     OutputIdentity,
 )
+from workers.results.kos import predecessor_problems, rejection_note_problems
 from workers.results.objects import SEGMENTATION_STORAGE, SOP_CLASS_BY_KIND, EncodedObject
 from workers.volume import Volume
 
@@ -366,6 +371,9 @@ def object_problems(
         problems += _seg_problems(ds, facts)
     elif obj.kind in (KIND_SR, KIND_SR_VOLUMETRIC):
         problems += _sr_problems(ds, obj.kind, facts, finding_count if obj.kind == KIND_SR else None)
+        problems += predecessor_problems(ds, obj.kind, job)
+    elif obj.kind == KIND_KOS:
+        problems += rejection_note_problems(ds, job)
     return problems
 
 

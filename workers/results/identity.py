@@ -22,6 +22,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import DA, DT, TM
 
 import dicom_node
+from dicom_node.jobs import ResultRef
 from dicom_node.uids import derive_uid, uid_problem
 from workers.models.base import ModelInfo
 
@@ -29,10 +30,16 @@ from workers.models.base import ModelInfo
 KIND_SR = "sr"
 KIND_SEG = "seg"
 KIND_SR_VOLUMETRIC = "sr-volumetric"
-OUTPUT_KINDS = (KIND_SR, KIND_SEG, KIND_SR_VOLUMETRIC)
+KIND_KOS = "kos"
+"""The IHE IOCM rejection note that withdraws the result set this job supersedes."""
+OUTPUT_KINDS = (KIND_SR, KIND_SEG, KIND_SR_VOLUMETRIC, KIND_KOS)
 
-DEFAULT_SERIES_NUMBERS = {KIND_SR: 9001, KIND_SEG: 9002, KIND_SR_VOLUMETRIC: 9003}
-"""High series numbers so the AI series sort after the acquired ones in viewers."""
+DEFAULT_SERIES_NUMBERS = {KIND_SR: 9001, KIND_SEG: 9002, KIND_SR_VOLUMETRIC: 9003, KIND_KOS: 9004}
+"""High series numbers so the AI series sort after the acquired ones in viewers (version 1)."""
+
+VERSION_SERIES_STEP = 10
+"""Series numbers of result version ``n`` are the defaults plus ``10 * (n - 1)`` (9011, 9012...
+for version 2), so a version's series sort together and after the one they supersede."""
 
 # IHE RAD TF Suppl. AIR, §6.5.3.1: "Purpose of Reference Code Sequence (0040,A170) shall be
 # (Newcode1, 99IHE, 1630 "Processing Algorithm")". The supplement has not been given a final
@@ -85,6 +92,12 @@ class JobContext:
     ae_title: str = "AINODE"
     """``settings.ae_title``."""
     institution_name: str | None = None
+    result_version: int = 1
+    """Which version of the study's results for this rule and model (``dicom_node.jobs.
+    result_lineage``): written into series numbers and descriptions from version 2 on."""
+    superseded: tuple[ResultRef, ...] = ()
+    """The objects of the result set this job's results replace (empty for the first): the new
+    SR names its predecessor, and a rejection note (kind ``kos``) withdraws them all."""
 
     @property
     def node(self) -> NodeIdentity:
@@ -135,12 +148,15 @@ def output_identity(
     BINARY), so that different content never reuses a UID.
     """
     parts = _uid_parts(job, kind, profile)
+    if job.result_version < 1:
+        raise ValueError(f"result_version must be at least 1, got {job.result_version}")
+    base = DEFAULT_SERIES_NUMBERS[kind] if series_number is None else series_number
     return OutputIdentity(
         kind=kind,
         series_instance_uid=derive_uid(*parts, "series"),
         sop_instance_uid=derive_uid(*parts, "instance"),
-        series_number=DEFAULT_SERIES_NUMBERS[kind] if series_number is None else series_number,
-        series_description=series_description(job.model, kind),
+        series_number=base + VERSION_SERIES_STEP * (job.result_version - 1),
+        series_description=series_description(job.model, kind, job.result_version),
     )
 
 
@@ -160,12 +176,20 @@ def display_version(version: str) -> str:
     return version if version[:1] in ("v", "V") else f"v{version}"
 
 
-_KIND_SUFFIX = {KIND_SR: "", KIND_SEG: " segmentation", KIND_SR_VOLUMETRIC: " volumes"}
+_KIND_SUFFIX = {
+    KIND_SR: "",
+    KIND_SEG: " segmentation",
+    KIND_SR_VOLUMETRIC: " volumes",
+    KIND_KOS: " rejection note",
+}
 
 
-def series_description(model: ModelInfo, kind: str) -> str:
-    """Series Description that marks AI output, e.g. ``AI: lung-nodules (v1.2.0)``."""
-    tail = f" ({display_version(model.version)}){_KIND_SUFFIX[kind]}"
+def series_description(model: ModelInfo, kind: str, result_version: int = 1) -> str:
+    """Series Description that marks AI output, e.g. ``AI: lung-nodules (v1.2.0)``, and from
+    the second result version on says which, e.g. ``AI: lung-nodules (v1.2.0) segmentation,
+    result 2`` (version 1 keeps the plain form it always had)."""
+    version = f", result {result_version}" if result_version > 1 else ""
+    tail = f" ({display_version(model.version)}){_KIND_SUFFIX[kind]}{version}"
     room = _LO_MAX - len("AI: ") - len(tail)
     name = model.name if len(model.name) <= room else model.name[: max(room - 1, 1)] + "…"
     return f"AI: {name}{tail}"[:_LO_MAX]

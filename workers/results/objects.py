@@ -16,14 +16,16 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.results_store import write_atomically
-from workers.results.identity import KIND_SEG, KIND_SR, KIND_SR_VOLUMETRIC, OUTPUT_KINDS
+from workers.results.identity import KIND_KOS, KIND_SEG, KIND_SR, KIND_SR_VOLUMETRIC, OUTPUT_KINDS
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
+KEY_OBJECT_SELECTION_STORAGE = "1.2.840.10008.5.1.4.1.1.88.59"
 SOP_CLASS_BY_KIND = {
     KIND_SR: COMPREHENSIVE_3D_SR_STORAGE,
     KIND_SEG: SEGMENTATION_STORAGE,
     KIND_SR_VOLUMETRIC: COMPREHENSIVE_3D_SR_STORAGE,
+    KIND_KOS: KEY_OBJECT_SELECTION_STORAGE,
 }
 
 
@@ -32,7 +34,7 @@ class EncodedObject:
     """One output object (Part 10 bytes) and what the pipeline needs to know about it."""
 
     kind: str
-    """``"sr"`` (viewer SR), ``"seg"`` or ``"sr-volumetric"``."""
+    """``"sr"`` (viewer SR), ``"seg"``, ``"sr-volumetric"`` or ``"kos"`` (rejection note)."""
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
@@ -92,7 +94,7 @@ def write_results(objects: list[EncodedObject], out_dir: Path) -> list[Path]:
 
 
 def load_results(out_dir: Path) -> list[EncodedObject]:
-    """Read back what :func:`write_results` stored (SR first, then SEG, then volumetric SR)."""
+    """Read back what :func:`write_results` stored (SR, SEG, volumetric SR, rejection note)."""
     out_dir = Path(out_dir)
     found = []
     for kind in OUTPUT_KINDS:

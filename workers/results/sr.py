@@ -53,6 +53,7 @@ from workers.results.identity import (
     stamp_dates,
     tracking_uid,
 )
+from workers.results.kos import predecessor_documents, predecessor_of
 from workers.results.seg import SegmentRef, category_for, coded, finding_identifier
 from workers.results.sources import source_images
 from workers.volume import Volume
@@ -247,6 +248,10 @@ def _document(
     # highdicom types this as its ContributingEquipment, which only takes DCM purposes; IHE AIR
     # needs the 99IHE one, so the sequence is built with pydicom.
     sr.ContributingEquipmentSequence = contributing_equipment(job)  # type: ignore[assignment]
+    predecessor = predecessor_of(job, identity.kind)
+    if predecessor is not None:
+        # PS3.3 C.17.2: this report replaces the one of the superseded result version.
+        sr.PredecessorDocumentsSequence = predecessor_documents(job, predecessor)  # type: ignore[assignment]
     stamp_dates(sr, job)
     return sr
 

@@ -15,6 +15,8 @@ Revisions, oldest first (``versions/``):
 * ``0004`` — ``jobs.priority`` (``stat``, ``routine``, ``research``; NULL on the rows already
   there, read as ``routine``) and the ``probe_results`` table (the recent checks of each
   destination, :mod:`dicom_node.delivery.probe`).
+* ``0005`` — ``instances.purged_at`` and ``outputs.purged_at``: when the retention sweep
+  removed the file (:mod:`dicom_node.retention`); NULL on the rows already there.
 
 Adding a revision (the models in :mod:`dicom_node.state.models` change in the same commit):
 
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HEAD = "0004"
+HEAD = "0005"
 """The newest revision this code knows. The fast start-up check compares against it without
 loading Alembic; tests/test_migrations.py checks it equals the head of ``versions/``."""
 

@@ -9,8 +9,9 @@
   cannot say well: a vessel stub leaving the mediastinum versus a nodule sitting on the pleura,
   a branch point versus a nodule touching a vessel.
 
-Both are trained on synthetic phantoms by ``training/train_fp_reduction.py`` (a checkout's);
-the weights (``weights/lung_nodules_fp.pt``, under 100 kB) are loaded with
+Both are trained on synthetic phantoms by ``training/train_fp_reduction.py`` (a checkout's),
+stage 2 then fine-tuned on real lungs with simulated nodules inserted by
+``training/finetune_real.py``; the weights (``weights/lung_nodules_fp.pt``) are loaded with
 ``torch.load(weights_only=True)`` after their SHA-256 is checked against
 ``weights/lung_nodules_fp.json``.
 """

@@ -32,6 +32,8 @@ def test_c_store_rsp_bytes_equal_pynetdicoms(status: int, sop: str) -> None:
 
 def test_associations_use_the_node_classes_and_close_cleanly(receiver: Any) -> None:
     assert reactor.supported(), "pynetdicom version changed: review dicom_node/scp/reactor.py"
+    from tests.peers import wait_until
+
     port = int(receiver.server.server_address[1])
     for _ in range(3):
         assoc = associate(port)
@@ -43,8 +45,9 @@ def test_associations_use_the_node_classes_and_close_cleanly(receiver: Any) -> N
         assert isinstance(server_side.dimse, reactor.NodeDIMSE)
         assoc.release()
         assert assoc.is_released
-    from tests.peers import wait_until
-
+        # The server side ends on its own thread just after the release: wait for it, so the
+        # next round sees only its own association (on a loaded machine it can lag a little).
+        wait_until(lambda a=server_side: not a.is_alive(), 10, message="server side closed")
     wait_until(lambda: receiver.active_associations == 0, 10, message="associations closed")
 
 

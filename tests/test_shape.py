@@ -52,7 +52,8 @@ WORKER_EXTRA_IMPORTS: dict[str, tuple[str, ...]] = {
 EDGE_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     # errors, DIMSE status codes, what counts as patient data, UID derivation (and the package's
     # __init__, which holds only the version)
-    ("vocabulary", frozenset({"__init__", "errors", "dimse_status", "phi", "uids"})),
+    # and the background-thread base of serve's components
+    ("vocabulary", frozenset({"__init__", "errors", "dimse_status", "phi", "uids", "background"})),
     # the settings object, the state database, the spool and the result store, bounded Part 10
     # reading, image geometry from headers, TLS contexts
     (

@@ -24,7 +24,6 @@ events: configure webhooks on one of them.
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from sqlalchemy import select
 
 from dicom_node.alerts.health import destination_health, free_bytes, sqlite_path
 from dicom_node.alerts.webhooks import WebhookSender
+from dicom_node.background import BackgroundThread
 from dicom_node.settings import Settings
 from dicom_node.state import Database, Job, JobState, Study, utcnow
 
@@ -46,31 +46,29 @@ DISK_REARM = 1.1
 """``disk-low`` fires again only after free space rose above this multiple of the threshold."""
 
 
-class AlertMonitor:
+class AlertMonitor(BackgroundThread):
     """Component for ``dicom-node serve`` (``start``/``stop``); :meth:`check` is one look."""
 
     def __init__(
         self, settings: Settings, db: Database, sender: WebhookSender | None = None
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.db = db
         self.sender = sender or WebhookSender(settings.alerts)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._up: dict[str, bool] = {}
         self._disk_low: dict[str, bool] = {}
         self._since: datetime = utcnow()
         self._seen: dict[str, datetime] = {}
 
+    thread_name = "alert-monitor"
+
     def start(self) -> None:
         self.sender.start()
-        self._thread = threading.Thread(target=self._run, name="alert-monitor", daemon=True)
-        self._thread.start()
+        super().start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        super().stop()
         self.sender.stop()
 
     def _run(self) -> None:

@@ -14,7 +14,6 @@ message, which names the destination by its URL without credentials (never patie
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import case, delete, func, select
 
+from dicom_node.background import BackgroundThread
 from dicom_node.delivery.destinations import build_destination
 from dicom_node.delivery.writeback import echo_destination
 from dicom_node.phi import reason_text
@@ -178,25 +178,17 @@ def last_probes(db: Database) -> dict[str, dict[str, Any]]:
     return out
 
 
-class Prober:
+class Prober(BackgroundThread):
     """Component of ``dicom-node serve``: probes every destination each ``probes.interval_s``
     seconds (the first round one interval after start, so a restart does not hammer the
     PACS), in its own thread — a slow destination never holds up dispatch."""
 
+    thread_name = "destination-probes"
+
     def __init__(self, settings: Settings, db: Database) -> None:
+        super().__init__()
         self.settings = settings
         self.db = db
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="destination-probes", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)  # a daemon: a probe in flight ends with the process
 
     def run_once(self) -> list[ProbeOutcome]:
         """One round: probe every destination and record the results."""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import func, select
 
+from dicom_node.background import BackgroundThread
 from dicom_node.retention.policy import disk_or_none
 from dicom_node.retention.sweep import SweepReport, sweep
 from dicom_node.settings import Settings
@@ -80,25 +80,18 @@ def metric_families(db: Database, prefix: str) -> Iterator[Any]:
 # -- the background sweep ----------------------------------------------------------------------
 
 
-class RetentionSweeper:
+class RetentionSweeper(BackgroundThread):
     """Component of ``dicom-node serve``: a sweep at start, every ``retention.interval_s``
     seconds, and as soon as the spool's file system crosses the high watermark (looked at every
     :data:`PRESSURE_CHECK_S` seconds), in its own thread."""
 
+    thread_name = "retention"
+    join_timeout = 30.0
+
     def __init__(self, settings: Settings, db: Database) -> None:
+        super().__init__()
         self.settings = settings
         self.db = db
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
 
     def run_once(self) -> SweepReport:
         report = sweep(self.db, self.settings)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node import audit
 from dicom_node.broker import DEFAULT_QUEUE
-from dicom_node.jobs import JobSpec, create_job
+from dicom_node.jobs import JobSpec, cancel_unfinished_predecessor, create_job
 from dicom_node.routing import SeriesFacts, route
 from dicom_node.settings import Settings
 from dicom_node.state import Database, Instance, Job, Series, Study, utcnow
@@ -175,6 +175,10 @@ def complete_study(
                     {"rule": decision.rule, "model": decision.model, "supersedes": previous or "-"},
                 )
             )
+            # The older input set's job has no results yet: they would be stale the moment they
+            # were recorded, and the new job would not know to withdraw them.
+            if previous is not None and cancel_unfinished_predecessor(s, previous, now):
+                audit_events.append((previous, "cancelled", {"reason": "superseded"}))
         study.dirty = False
         study.completed_at = now
         study.version = version

@@ -72,6 +72,40 @@ def test_late_instance_creates_a_second_job_version(receiver: Any, tmp_path: Pat
         assert (old.study_version, new.study_version) == (1, 2)
         assert (old.input_count, new.input_count) == (6, 8)
         assert old.input_hash != new.input_hash
+        # Version 1 had no results yet: it is cancelled, so it can never deliver stale ones.
+        assert old.state == JobState.CANCELLED.value
+        assert old.reason == jobstate.SUPERSEDED_UNFINISHED
+        assert new.state == JobState.WAITING.value
+        assert s.scalar(select(func.count()).select_from(Outbox).where(Outbox.job_id == old.id)) == 0
+
+
+def test_a_running_older_version_records_nothing_once_superseded(receiver: Any, tmp_path: Path) -> None:
+    """The race of a late instance with a worker still running version 1: version 2 looks for
+    the result set it supersedes when it encodes, so version 1's results, recorded after that,
+    would stay current in the PACS. Version 1 is cancelled instead and loses its lease; a
+    version that already recorded its results (``delivering``) is left to be withdrawn."""
+    files = ct_series(tmp_path / "study", slices=9, size=32)
+    db, settings = receiver.db, receiver.settings
+    _send(receiver, files[:6])
+    (first,) = complete_due_studies(db, settings, now=_later())
+    assert jobstate.claim(db, first, "worker-a", 60).outcome == jobstate.ClaimOutcome.CLAIMED
+    _send(receiver, files[6:8])
+    (second,) = complete_due_studies(db, settings, now=_later())
+    recorded = jobstate.record_outputs(db, first, "worker-a", [], summary={}, timings={})
+    assert recorded == jobstate.Recorded.LEASE_LOST
+    with db.session() as s:
+        old = s.get(Job, first)
+        assert old is not None and old.state == JobState.CANCELLED.value
+    # Version 2 recorded its results and is delivering when version 3 arrives: it stays.
+    assert jobstate.claim(db, second, "worker-b", 60).outcome == jobstate.ClaimOutcome.CLAIMED
+    assert jobstate.record_outputs(db, second, "worker-b", [], summary={}, timings={}) != jobstate.Recorded.LEASE_LOST
+    _send(receiver, files[8:])
+    (third,) = complete_due_studies(db, settings, now=_later())
+    with db.session() as s:
+        kept, newest = s.get(Job, second), s.get(Job, third)
+        assert kept is not None and newest is not None
+        assert kept.state in (JobState.DELIVERING.value, JobState.DONE.value)
+        assert newest.supersedes_id == second
 
 
 def test_interleaved_studies_complete_separately(receiver: Any, tmp_path: Path) -> None:

@@ -30,8 +30,10 @@ from dicom_node.jobs.lease import (
     update_job,
 )
 from dicom_node.jobs.lifecycle import (
+    SUPERSEDED_UNFINISHED,
     JobSpec,
     cancel,
+    cancel_unfinished_predecessor,
     create_job,
     job_id_for,
     park_for_delivery,
@@ -56,6 +58,7 @@ from dicom_node.jobs.records import (
 
 __all__ = [
     "ACTIVE_STATES",
+    "SUPERSEDED_UNFINISHED",
     "Claim",
     "ClaimOutcome",
     "DeliveryStatus",
@@ -69,6 +72,7 @@ __all__ = [
     "ResultRef",
     "StoredOutput",
     "cancel",
+    "cancel_unfinished_predecessor",
     "claim",
     "create_job",
     "delivery_status",

@@ -190,19 +190,45 @@ def rerun_for_missing_results(db: Database, job_id: str, owner: str, reason: str
 
 def cancel(db: Database, job_id: str, reason: str = "cancelled by an operator") -> bool:
     """Cancel a job that has not finished (a running attempt notices at its next lease renewal)."""
-    now = utcnow()
     with db.session() as s:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None or JobState(job.state).terminal:
             return False
-        job.state = JobState.CANCELLED.value
-        job.reason = reason
-        job.finished_at = now
-        job.updated_at = now
-        job.lease_owner = None
-        job.lease_expires_at = None
-        s.query(Outbox).filter(Outbox.job_id == job_id).delete()
+        _cancel_row(s, job, reason, utcnow())
         return True
+
+
+SUPERSEDED_UNFINISHED = "superseded by a newer input set of the study before it had results"
+"""Reason of a job cancelled because a late instance started the study's next version."""
+
+_NO_RESULTS_YET = frozenset({JobState.WAITING.value, JobState.QUEUED.value, JobState.RUNNING.value})
+
+
+def cancel_unfinished_predecessor(s: Session, job_id: str, now: datetime) -> bool:
+    """In the caller's transaction: cancel ``job_id`` if it has not recorded results yet.
+
+    Called when a newer version of the same study, rule and model is created. Results of the
+    older input set that would be recorded after the newer job has looked for the result set
+    it supersedes (:func:`dicom_node.jobs.lineage.result_lineage`) would stay current in the
+    PACS beside the new ones; cancelled now, a running attempt loses its lease and records
+    nothing. A job already ``delivering`` has recorded its results and is superseded (and
+    withdrawn) the ordinary way.
+    """
+    job = s.get(Job, job_id, with_for_update=True)
+    if job is None or job.state not in _NO_RESULTS_YET:
+        return False
+    _cancel_row(s, job, SUPERSEDED_UNFINISHED, now)
+    return True
+
+
+def _cancel_row(s: Session, job: Job, reason: str, now: datetime) -> None:
+    job.state = JobState.CANCELLED.value
+    job.reason = reason
+    job.finished_at = now
+    job.updated_at = now
+    job.lease_owner = None
+    job.lease_expires_at = None
+    s.query(Outbox).filter(Outbox.job_id == job.id).delete()
 
 
 def retry(db: Database, job_id: str) -> bool:

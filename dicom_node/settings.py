@@ -540,6 +540,18 @@ class WorkerSettings(_Section):
     and SEG before they are stored and sent (in addition to the built-in conformance gate)."""
 
 
+DESTINATION_OUTPUTS = ("sr", "seg", "sc", "gsps", "kos")
+"""What a destination may ask to receive (``outputs``): ``sr`` the TID 1500 report (and the
+volumetric SR when one is made), ``seg`` the Segmentation, ``sc`` Secondary Capture key images
+with the finding's box and an "AI result - not verified" banner burned in, ``gsps`` a Grayscale
+Softcopy Presentation State drawing each box on the source image, ``kos`` a Key Object
+Selection ("Of Interest") flagging the key images. The IOCM rejection note is governed by
+``supersede``, not by this list."""
+
+DEFAULT_DESTINATION_OUTPUTS = ("sr", "seg")
+"""What a destination receives unless it says otherwise (OHIF shows both)."""
+
+
 class DestinationSettings(_Section):
     """A write-back target: STOW-RS (http/https) or C-STORE (dicom://AET@host:port)."""
 
@@ -564,6 +576,22 @@ class DestinationSettings(_Section):
     orthanc_url: str | None = None
     """Orthanc's REST root (``http(s)://[user:password@]host:port``) for ``supersede =
     "delete"``; unset: the destination's DICOMweb URL without its trailing ``/dicom-web``."""
+    outputs: list[str] = Field(default_factory=lambda: list(DEFAULT_DESTINATION_OUTPUTS))
+    """Which result objects this destination receives (:data:`DESTINATION_OUTPUTS`), e.g.
+    ``["sr", "sc", "kos"]`` for a PACS viewer that shows SR as text and SEG not at all."""
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, v: list[str]) -> list[str]:
+        unknown = [item for item in v if item not in DESTINATION_OUTPUTS]
+        if unknown:
+            raise ValueError(
+                f"outputs: unknown value(s) {', '.join(map(repr, unknown))}; "
+                f"choose from {', '.join(DESTINATION_OUTPUTS)}"
+            )
+        if not v:
+            raise ValueError(f"outputs must name at least one of {', '.join(DESTINATION_OUTPUTS)}")
+        return list(dict.fromkeys(v))
 
     @field_validator("url")
     @classmethod

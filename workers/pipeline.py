@@ -116,6 +116,7 @@ class JobRunner:
                 study = s.get(Study, job.study_id)
                 assert study is not None
                 model_name, series_uids = job.model, list(job.series_uids or [])
+                destinations = list(job.destinations or [])
                 study_uid, study_id, input_hash = study.study_instance_uid, study.id, job.input_hash
                 created_at = job.created_at
 
@@ -149,6 +150,7 @@ class JobRunner:
             heartbeat.check()
 
             with stages.stage("encode"):
+                from dicom_node.delivery.outputs import requested_kinds
                 from workers.results import EncodeOptions, JobContext, encode_results
 
                 # From the job's supersedes links, fixed when it was created: a re-run encodes
@@ -166,9 +168,13 @@ class JobRunner:
                     result_version=lineage.version,
                     superseded=lineage.superseded,
                 )
-                objects = encode_results(
-                    volume, result, context, EncodeOptions(dciodvfy=self.settings.worker.dciodvfy)
+                # What the job's destinations ask for beyond SR and SEG (``outputs``); each
+                # destination is later sent only its own selection.
+                options = EncodeOptions(
+                    dciodvfy=self.settings.worker.dciodvfy,
+                    extra_outputs=requested_kinds(self.settings, destinations),
                 )
+                objects = encode_results(volume, result, context, options)
                 summary = {
                     **result.summary(),
                     "series_instance_uid": chosen,

@@ -17,6 +17,7 @@ from pathlib import Path
 from dicom_node import audit, jobs
 from dicom_node.delivery.backoff import next_delay
 from dicom_node.delivery.destinations import build_destination
+from dicom_node.delivery.outputs import sends
 from dicom_node.delivery.withdraw import delete_superseded
 from dicom_node.delivery.writeback import deliver
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
@@ -26,9 +27,6 @@ from dicom_node.settings import Settings
 from dicom_node.state import Database, DeliveryState, JobState, utcnow
 
 LOGGER = logging.getLogger(__name__)
-
-KOS_KIND = "kos"
-"""Output kind of the IHE IOCM rejection note that withdraws the superseded result set."""
 
 
 class DeliveryPhase:
@@ -84,7 +82,8 @@ class DeliveryPhase:
             return "rerun"
         configured = self.settings.all_destinations()
         # Withdrawn by deletion where a destination asks for that (supersede = "delete"); the
-        # rejection note (kind "kos") is sent only where it asks for that (the default).
+        # rejection note (kind "kos") is sent only where it asks for that (the default), and
+        # every other object only where the destination's ``outputs`` name it.
         superseded: tuple[jobs.ResultRef, ...] | None = None
         now = utcnow()
         for todo in jobs.open_deliveries(self.db, job_id):
@@ -102,7 +101,7 @@ class DeliveryPhase:
                 )
                 continue
             attempts = todo.attempts + 1
-            files = [path for kind, path in outputs if kind != KOS_KIND or cfg.supersede == "kos"]
+            files = [path for kind, path in outputs if sends(cfg, kind)]
             withdrawn = 0
             try:
                 if files:

@@ -143,6 +143,31 @@ def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
     return n / norm
 
 
+_PATIENT_AXES = (("L", "R"), ("P", "A"), ("H", "F"))
+"""Letters of the LPS axes (positive, negative), PS3.3 C.7.6.1.1.1."""
+
+
+def patient_orientation(orientation: Sequence[float] | np.ndarray) -> tuple[str, str]:
+    """Patient Orientation (0020,0020) of an image with ImageOrientationPatient ``orientation``:
+    the direction of the rows, then of the columns, each as up to three letters in order of
+    importance, leaving out axes the direction barely moves along (PS3.3 C.7.6.1.1.1).
+
+    >>> patient_orientation([1, 0, 0, 0, 1, 0])
+    ('L', 'P')
+    """
+    o = np.asarray(orientation, dtype=np.float64)
+
+    def letters(direction: np.ndarray) -> str:
+        order = np.argsort(-np.abs(direction), kind="stable")
+        return "".join(
+            _PATIENT_AXES[axis][0 if direction[axis] > 0 else 1]
+            for axis in order
+            if abs(direction[axis]) > 1e-3
+        )
+
+    return letters(o[:3]), letters(o[3:6])
+
+
 def is_non_image(ds: Dataset) -> bool:
     """True for objects that are not slices: by Modality, SOP Class, or no Rows/Columns."""
     if str(header_value(ds, "Modality", "") or "").upper() in NON_IMAGE_MODALITIES:

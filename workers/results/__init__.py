@@ -13,6 +13,12 @@ read a folder of them for callers outside a job (tests, tools).
   when there are none).
 * ``"seg"``: the Segmentation (when at least one finding has a non-empty mask).
 * ``"sr-volumetric"``: only with ``EncodeOptions(volumetric_sr=True)`` and a SEG.
+* ``"sc"``, ``"gsps"``, ``"key-images"``: only when asked for in
+  ``EncodeOptions(extra_outputs=...)`` (the job's destinations' ``outputs``) and there are
+  findings: Secondary Capture key images with the box and an "AI result - not verified" banner
+  burned in (``sc``, one per finding, several instances of one series), a Grayscale Softcopy
+  Presentation State drawing the boxes on the source images (``gsps``) and a Key Object
+  Selection "Of Interest" flagging the key source images and those objects (``key_images``).
 * ``"kos"``: when the job supersedes an earlier result set (``JobContext.superseded``), the
   IHE IOCM rejection note that withdraws it (``kos``); sent where a destination's
   ``supersede`` policy is ``kos``.
@@ -40,8 +46,12 @@ from workers.results.conformance import (
     object_problems,
     run_dciodvfy,
 )
+from workers.results.gsps import build_presentation_state
 from workers.results.identity import (
+    KIND_GSPS,
+    KIND_KEY_IMAGES,
     KIND_KOS,
+    KIND_SC,
     KIND_SEG,
     KIND_SR,
     KIND_SR_VOLUMETRIC,
@@ -50,8 +60,10 @@ from workers.results.identity import (
     OutputIdentity,
     output_identity,
 )
+from workers.results.key_images import build_key_image_note
 from workers.results.kos import build_rejection_note
 from workers.results.objects import EncodedObject, load_results, write_results
+from workers.results.sc import build_key_images
 from workers.results.seg import BINARY, FRACTIONAL, SEGMENTATION_TYPES, build_segmentation
 from workers.results.sources import check_result_matches
 from workers.results.sr import ROI_SHAPES, build_viewer_sr, build_volumetric_sr
@@ -59,8 +71,12 @@ from workers.volume import Volume
 
 __all__ = [
     "BINARY",
+    "EXTRA_OUTPUTS",
     "FRACTIONAL",
+    "KIND_GSPS",
+    "KIND_KEY_IMAGES",
     "KIND_KOS",
+    "KIND_SC",
     "KIND_SEG",
     "KIND_SR",
     "KIND_SR_VOLUMETRIC",
@@ -83,6 +99,10 @@ __all__ = [
 ]
 
 
+EXTRA_OUTPUTS = frozenset({KIND_SC, KIND_GSPS, KIND_KEY_IMAGES})
+"""Kinds made only on request (``EncodeOptions.extra_outputs``), for viewers beyond OHIF."""
+
+
 @dataclass(frozen=True)
 class EncodeOptions:
     """How results are encoded. Options that change the content also change the UIDs."""
@@ -101,6 +121,8 @@ class EncodeOptions:
     """Run the conformance gate on every object (raise ConformanceError on failure)."""
     dciodvfy: bool = False
     """Also require zero dciodvfy errors at run time, when dciodvfy is installed."""
+    extra_outputs: frozenset[str] = frozenset()
+    """Which of :data:`EXTRA_OUTPUTS` to make as well (``"sc"``, ``"gsps"``, ``"key-images"``)."""
 
     def profile(self, kind: str) -> str:
         """The part of the options that shapes ``kind``'s content (goes into its UIDs)."""
@@ -108,8 +130,11 @@ class EncodeOptions:
             return f"seg={self.segmentation_type}"
         if kind == KIND_SR:
             return f"roi={self.roi_shape}"
-        if kind == KIND_KOS:
+        if kind in (KIND_KOS, KIND_SC, KIND_GSPS):
             return ""
+        if kind == KIND_KEY_IMAGES:
+            # The note also flags the SC images and the GSPS when they are made.
+            return "with=" + ",".join(sorted(self.extra_outputs & {KIND_SC, KIND_GSPS}))
         return f"seg={self.segmentation_type}"
 
 
@@ -119,7 +144,7 @@ def expected_identities(job: JobContext, options: EncodeOptions | None = None) -
     numbers = dict(options.series_numbers)
     return {
         kind: output_identity(job, kind, profile=options.profile(kind), series_number=numbers.get(kind))
-        for kind in (KIND_SR, KIND_SEG, KIND_SR_VOLUMETRIC, KIND_KOS)
+        for kind in (KIND_SR, KIND_SEG, KIND_SR_VOLUMETRIC, KIND_KOS, KIND_SC, KIND_GSPS, KIND_KEY_IMAGES)
     }
 
 
@@ -128,6 +153,9 @@ _OBJECT_NAMES = {
     KIND_SEG: "the SEG",
     KIND_SR_VOLUMETRIC: "the volumetric SR",
     KIND_KOS: "the rejection note",
+    KIND_SC: "the key images",
+    KIND_GSPS: "the presentation state",
+    KIND_KEY_IMAGES: "the key image note",
 }
 
 
@@ -156,7 +184,9 @@ def encode_results(
     """Encode ``result`` (found in ``volume``) as DICOM objects, checked by the conformance gate.
 
     Returns the viewer SR first, then the SEG (if any finding has a mask), then the volumetric
-    SR (if asked for and there is a SEG), then the rejection note of the superseded result set
+    SR (if asked for and there is a SEG), then, when asked for and there are findings, the
+    Secondary Capture key images, the presentation state and the key image note, then the
+    rejection note of the superseded result set
     (if the job supersedes one; the new objects come first, so they are stored before the old
     ones are withdrawn). Raises :class:`~dicom_node.errors.JobError`
     (``ConformanceError`` among them) with a patient-free reason when the result cannot be
@@ -174,6 +204,9 @@ def encode_results(
         raise ValueError(
             f"segmentation_type must be one of {SEGMENTATION_TYPES}, got {options.segmentation_type!r}"
         )
+    unknown = set(options.extra_outputs) - EXTRA_OUTPUTS
+    if unknown:
+        raise ValueError(f"extra_outputs must be among {sorted(EXTRA_OUTPUTS)}, got {sorted(unknown)}")
     ids = expected_identities(job, options)
 
     with _building(KIND_SR):
@@ -206,6 +239,9 @@ def encode_results(
                     )
                 )
 
+    if result.findings:
+        objects += _viewer_outputs(volume, result, job, options, ids)
+
     if job.superseded:
         with _building(KIND_KOS):
             objects.append(
@@ -217,8 +253,38 @@ def encode_results(
         for obj in objects:
             check_object(
                 obj, facts, job,
-                expected=ids[obj.kind],
+                expected=ids[obj.kind].instance(obj.number),
                 finding_count=len(result.findings) if obj.kind == KIND_SR else None,
                 dciodvfy=options.dciodvfy,
             )
     return objects
+
+
+def _viewer_outputs(
+    volume: Volume,
+    result: DetectionResult,
+    job: JobContext,
+    options: EncodeOptions,
+    ids: dict[str, OutputIdentity],
+) -> list[EncodedObject]:
+    """The asked-for outputs for viewers beyond OHIF: SC key images, GSPS, key image note."""
+    made: list[EncodedObject] = []
+    if KIND_SC in options.extra_outputs:
+        with _building(KIND_SC):
+            made += [
+                EncodedObject.from_dataset(KIND_SC, image, number)
+                for number, image in enumerate(build_key_images(volume, result, job, ids[KIND_SC]), start=1)
+            ]
+    if KIND_GSPS in options.extra_outputs:
+        with _building(KIND_GSPS):
+            gsps = build_presentation_state(volume, result, job, ids[KIND_GSPS])
+            if gsps is not None:
+                made.append(EncodedObject.from_dataset(KIND_GSPS, gsps))
+    if KIND_KEY_IMAGES in options.extra_outputs:
+        with _building(KIND_KEY_IMAGES):
+            note = build_key_image_note(
+                volume, result, job, ids[KIND_KEY_IMAGES], [obj.dataset for obj in made]
+            )
+            if note is not None:
+                made.append(EncodedObject.from_dataset(KIND_KEY_IMAGES, note))
+    return made

@@ -21,6 +21,15 @@ that reason instead of sending something the PACS or viewer would mangle. The ru
   Documents Sequence.
 * KOS (IHE IOCM rejection note, ``workers.results.kos``): title (113001 DCM), TID 2010, and
   exactly the superseded objects in its content and its evidence, all in the result's study.
+* SC key images (``workers.results.sc``): Burned In Annotation YES, Image Type DERIVED, one
+  Source Image Sequence item naming an image of the source series, 8-bit RGB or MONOCHROME2
+  pixels, a series description saying "not verified", instance number as stored.
+* GSPS (``workers.results.gsps``): applies to images of the source series only; every
+  graphic annotation on a source image with a closed POLYLINE box in PIXEL units; a graphic
+  layer that is declared.
+* Key image note (``workers.results.key_images``): title (113000 DCM) "Of Interest", TID 2010,
+  at least one source image flagged, anything else flagged only our SC images or GSPS, the
+  same objects in content and evidence, all in the result's study.
 
 :func:`run_dciodvfy` runs the dicom3tools validator (tests use it on every object; at run time
 it is used when installed and asked for). Messages never contain UIDs or patient data.
@@ -44,7 +53,10 @@ from dicom_node.phi import scrub_text
 from dicom_node.uids import uid_problem
 from workers.results.identity import (
     AIR_PROCESSING_ALGORITHM,
+    KIND_GSPS,
+    KIND_KEY_IMAGES,
     KIND_KOS,
+    KIND_SC,
     KIND_SEG,
     KIND_SR,
     KIND_SR_VOLUMETRIC,
@@ -52,7 +64,13 @@ from workers.results.identity import (
     OutputIdentity,
 )
 from workers.results.kos import predecessor_problems, rejection_note_problems
-from workers.results.objects import SEGMENTATION_STORAGE, SOP_CLASS_BY_KIND, EncodedObject
+from workers.results.objects import (
+    GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE,
+    SECONDARY_CAPTURE_IMAGE_STORAGE,
+    SEGMENTATION_STORAGE,
+    SOP_CLASS_BY_KIND,
+    EncodedObject,
+)
 from workers.volume import Volume
 
 OHIF_GRAPHIC_TYPES = frozenset({"POINT", "MULTIPOINT", "POLYLINE", "CIRCLE", "ELLIPSE"})
@@ -343,6 +361,94 @@ def _viewer_document_problems(ds: Dataset, facts: SourceFacts) -> list[str]:
     return p
 
 
+# -- viewer outputs beyond OHIF -----------------------------------------------------------------
+
+
+def _sc_problems(ds: Dataset, facts: SourceFacts, number: int) -> list[str]:
+    p: list[str] = []
+    if str(ds.get("BurnedInAnnotation", "")) != "YES":
+        p.append("sc: Burned In Annotation is not YES (the image carries burned-in text)")
+    image_type = [str(v) for v in (ds.get("ImageType") or [])]
+    if not image_type or image_type[0] != "DERIVED":
+        p.append("sc: Image Type is not DERIVED")
+    sources = list(ds.get("SourceImageSequence", []))
+    if len(sources) != 1 or str(sources[0].get("ReferencedSOPInstanceUID", "")) not in facts.sop_instance_uids:
+        p.append("sc: Source Image Sequence does not name one image of the source series")
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric not in ("RGB", "MONOCHROME2") or int(ds.get("BitsAllocated", 0) or 0) != 8:
+        p.append("sc: pixels are not 8-bit RGB or MONOCHROME2")
+    if not int(ds.get("Rows", 0) or 0) or not int(ds.get("Columns", 0) or 0) or "PixelData" not in ds:
+        p.append("sc: has no pixels")
+    if "not verified" not in str(ds.get("SeriesDescription", "")):
+        p.append("sc: Series Description does not say the result is not verified")
+    if int(ds.get("InstanceNumber", 0) or 0) != number:
+        p.append("sc: Instance Number differs from the stored instance's number")
+    return p
+
+
+def _gsps_problems(ds: Dataset, facts: SourceFacts) -> list[str]:
+    p: list[str] = []
+    series = list(ds.get("ReferencedSeriesSequence", []))
+    if not series or any(str(s.get("SeriesInstanceUID", "")) != facts.series_instance_uid for s in series):
+        p.append("gsps: does not apply to the source series only")
+    outside = [
+        r for s in series for r in s.get("ReferencedImageSequence", [])
+        if str(r.get("ReferencedSOPInstanceUID", "")) not in facts.sop_instance_uids
+    ]
+    if outside:
+        p.append(f"gsps: applies to {len(outside)} image(s) outside the source series")
+    layers = {str(layer.get("GraphicLayer", "")) for layer in ds.get("GraphicLayerSequence", [])}
+    annotations = list(ds.get("GraphicAnnotationSequence", []))
+    if not annotations:
+        p.append("gsps: no graphic annotations")
+    for n, annotation in enumerate(annotations, start=1):
+        images = [str(r.get("ReferencedSOPInstanceUID", "")) for r in annotation.get("ReferencedImageSequence", [])]
+        if not images or any(uid not in facts.sop_instance_uids for uid in images):
+            p.append(f"gsps: annotation {n} is not drawn on images of the source series")
+        if str(annotation.get("GraphicLayer", "")) not in layers:
+            p.append(f"gsps: annotation {n} is on an undeclared graphic layer")
+        boxes = [
+            g for g in annotation.get("GraphicObjectSequence", [])
+            if str(g.get("GraphicType", "")) == "POLYLINE" and str(g.get("GraphicAnnotationUnits", "")) == "PIXEL"
+        ]
+        data = [float(v) for v in boxes[0].get("GraphicData", [])] if boxes else []
+        if len(data) < 8 or data[:2] != data[-2:]:
+            p.append(f"gsps: annotation {n} has no closed POLYLINE box in PIXEL units")
+    return p
+
+
+def _key_image_problems(ds: Dataset, facts: SourceFacts) -> list[str]:
+    p: list[str] = []
+    if _name(ds) != ("113000", _DCM) or ds.get("ValueType") != "CONTAINER":
+        p.append("key-images: title is not (113000, DCM) 'Of Interest' (CID 7010)")
+    templates = ds.get("ContentTemplateSequence", [])
+    if not templates or str(templates[0].get("TemplateIdentifier", "")) != "2010":
+        p.append("key-images: root does not declare template TID 2010")
+    content = {
+        ref
+        for item in ds.get("ContentSequence", [])
+        if item.get("ValueType") in ("IMAGE", "COMPOSITE")
+        for ref in _referenced_sops(item)
+    }
+    evidence = {
+        ref
+        for study in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for ref in _referenced_sops(series)
+    }
+    if not any(uid in facts.sop_instance_uids for _, uid in content):
+        p.append("key-images: flags no image of the source series")
+    ours = (SECONDARY_CAPTURE_IMAGE_STORAGE, GRAYSCALE_SOFTCOPY_PRESENTATION_STATE_STORAGE)
+    if any(uid not in facts.sop_instance_uids and cls not in ours for cls, uid in content):
+        p.append("key-images: flags objects that are neither source images nor our key images or presentation state")
+    if content != evidence:
+        p.append("key-images: content and evidence do not list the same objects")
+    studies = {str(s.get("StudyInstanceUID", "")) for s in ds.get("CurrentRequestedProcedureEvidenceSequence", [])}
+    if studies != {facts.study_instance_uid}:
+        p.append("key-images: evidence is not all in the study of the result")
+    return p
+
+
 # -- entry points ------------------------------------------------------------------------------
 
 
@@ -374,6 +480,12 @@ def object_problems(
         problems += predecessor_problems(ds, obj.kind, job)
     elif obj.kind == KIND_KOS:
         problems += rejection_note_problems(ds, job)
+    elif obj.kind == KIND_SC:
+        problems += _sc_problems(ds, facts, obj.number)
+    elif obj.kind == KIND_GSPS:
+        problems += _gsps_problems(ds, facts)
+    elif obj.kind == KIND_KEY_IMAGES:
+        problems += _key_image_problems(ds, facts)
     return problems
 
 

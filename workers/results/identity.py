@@ -14,6 +14,7 @@ Equipment (DCM 109102).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -32,9 +33,24 @@ KIND_SEG = "seg"
 KIND_SR_VOLUMETRIC = "sr-volumetric"
 KIND_KOS = "kos"
 """The IHE IOCM rejection note that withdraws the result set this job supersedes."""
-OUTPUT_KINDS = (KIND_SR, KIND_SEG, KIND_SR_VOLUMETRIC, KIND_KOS)
+KIND_SC = "sc"
+"""Secondary Capture key images, one per finding (``workers.results.sc``)."""
+KIND_GSPS = "gsps"
+"""Grayscale Softcopy Presentation State drawing the findings (``workers.results.gsps``)."""
+KIND_KEY_IMAGES = "key-images"
+"""Key Object Selection "Of Interest" flagging the key images (``workers.results.key_images``);
+not ``kos``, which is the rejection note."""
+OUTPUT_KINDS = (KIND_SR, KIND_SEG, KIND_SR_VOLUMETRIC, KIND_KOS, KIND_SC, KIND_GSPS, KIND_KEY_IMAGES)
 
-DEFAULT_SERIES_NUMBERS = {KIND_SR: 9001, KIND_SEG: 9002, KIND_SR_VOLUMETRIC: 9003, KIND_KOS: 9004}
+DEFAULT_SERIES_NUMBERS = {
+    KIND_SR: 9001,
+    KIND_SEG: 9002,
+    KIND_SR_VOLUMETRIC: 9003,
+    KIND_KOS: 9004,
+    KIND_SC: 9005,
+    KIND_GSPS: 9006,
+    KIND_KEY_IMAGES: 9007,
+}
 """High series numbers so the AI series sort after the acquired ones in viewers (version 1)."""
 
 VERSION_SERIES_STEP = 10
@@ -113,6 +129,21 @@ class OutputIdentity:
     sop_instance_uid: str
     series_number: int
     series_description: str
+    instance_number: int = 1
+    """Which instance of the series (kinds with one instance per finding, e.g. ``sc``)."""
+
+    def instance(self, number: int) -> OutputIdentity:
+        """The identity of instance ``number`` (1-based) of this series: the same series, and
+        for ``number > 1`` a SOP Instance UID derived from the first one."""
+        if number < 1:
+            raise ValueError(f"instance number must be at least 1, got {number}")
+        if number == 1:
+            return dataclasses.replace(self, instance_number=1)
+        return dataclasses.replace(
+            self,
+            sop_instance_uid=derive_uid(_UID_NAMESPACE, self.sop_instance_uid, "instance", str(number)),
+            instance_number=number,
+        )
 
 
 def _check_uid_part(name: str, value: str) -> None:
@@ -181,6 +212,9 @@ _KIND_SUFFIX = {
     KIND_SEG: " segmentation",
     KIND_SR_VOLUMETRIC: " volumes",
     KIND_KOS: " rejection note",
+    KIND_SC: " key images, not verified",
+    KIND_GSPS: " annotations, not verified",
+    KIND_KEY_IMAGES: " key image note",
 }
 
 

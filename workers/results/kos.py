@@ -46,6 +46,9 @@ REJECTED_FOR_QUALITY_REASONS = ("113001", "DCM", "Rejected for Quality Reasons")
 """PS3.16 CID 7011 title of the rejection note (see the module doc for why this one)."""
 KEY_OBJECT_SELECTION_TEMPLATE = "2010"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+IMAGE_RESULT_CLASSES = frozenset({SEGMENTATION_STORAGE, SECONDARY_CAPTURE_IMAGE_STORAGE})
+"""Result objects that are images (referenced as IMAGE items; the others are COMPOSITE)."""
 
 
 def predecessor_of(job: JobContext, kind: str) -> ResultRef | None:
@@ -82,9 +85,10 @@ def _evidence(volume: Volume, job: JobContext) -> list[Dataset]:
         ds.SeriesInstanceUID = ref.series_instance_uid
         ds.SOPClassUID = ref.sop_class_uid
         ds.SOPInstanceUID = ref.sop_instance_uid
-        if ref.sop_class_uid == SEGMENTATION_STORAGE:
+        if ref.sop_class_uid in IMAGE_RESULT_CLASSES:
             # highdicom references an object with Rows and Columns as an IMAGE item (TID 2010
-            # row 3); a SEG is an image IOD. The values themselves are not written.
+            # row 3); a SEG and a Secondary Capture are image IODs. The values themselves are
+            # not written.
             ds.Rows, ds.Columns = volume.shape[1], volume.shape[2]
         items.append(ds)
     return items

@@ -114,10 +114,13 @@ def roi_graphic(finding: Finding, shape: str) -> tuple[hd.sr.GraphicTypeValues, 
 
 
 def sr_algorithm_identification(job: JobContext) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 Algorithm Identification for the SR groups."""
+    """TID 4019 Algorithm Identification for the SR groups; the weights' SHA-256, when known, as
+    an Algorithm Parameter (as in the SEG's Segment Algorithm Identification)."""
+    sha = job.model.weights_sha256
     return hd.sr.AlgorithmIdentification(
         name=job.model.name[:64],
         version=job.model.version[:64],
+        parameters=[f"weights_sha256={sha}"] if sha else None,
         family=coded(job.model.family),
         manufacturer=job.model.manufacturer[:64],
     )
@@ -134,7 +137,7 @@ def finding_measurements(finding: Finding, job: JobContext) -> list[hd.sr.Measur
     return [hd.sr.Measurement(name=coded(n), value=v, unit=coded(u)) for n, v, u in values]
 
 
-def observation_context(job: JobContext) -> hd.sr.ObservationContext:
+def algorithm_observer(job: JobContext) -> hd.sr.ObserverContext:
     """Device observer: the algorithm (Device UID as in Contributing Equipment), run by the node."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=algorithm_device_uid(job.model),
@@ -142,11 +145,12 @@ def observation_context(job: JobContext) -> hd.sr.ObservationContext:
         manufacturer_name=job.model.manufacturer[:64],
         model_name=f"{job.model.name} {display_version(job.model.version)}"[:64],
     )
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device
-        )
-    )
+    return hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
+
+
+def observation_context(job: JobContext) -> hd.sr.ObservationContext:
+    """The SR's observation context: the algorithm as device observer."""
+    return hd.sr.ObservationContext(observer_device_context=algorithm_observer(job))
 
 
 def _summary_container(has_findings: bool, qualifier: str | None = None) -> hd.sr.ContainerContentItem:

@@ -53,6 +53,9 @@ AUDIT_READ = "audit-read"
 RETENTION_SWEEP = "retention-sweep"
 """A retention sweep removed files or met disk pressure (:mod:`dicom_node.retention`): counts
 and bytes only, never a study."""
+BACKFILL_RUN = "backfill-run"
+"""One backfill (``dicom-node backfill`` or a ``[[pull]]`` schedule, :mod:`dicom_node.backfill`):
+the source (no credentials), the date window and counts only, never a study."""
 
 
 @dataclass(frozen=True)

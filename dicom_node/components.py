@@ -27,6 +27,10 @@ def build_components(settings: Settings, service: Any) -> list[Any]:
         from dicom_node.retention import RetentionSweeper
 
         components.append(RetentionSweeper(settings, db))
+    if any(p.enabled for p in settings.pull):
+        from dicom_node.backfill.schedule import PullScheduler
+
+        components.append(PullScheduler(settings, db))
     if settings.http_port:
         from dicom_node.api.server import HttpServer
 

@@ -204,6 +204,31 @@ def observe_instance(source: str, status: int, size: int) -> None:
             stored_bytes.inc(size)
 
 
+@cache
+def _pull_metrics() -> tuple[Any, Any]:
+    from prometheus_client import Counter
+
+    return (
+        Counter(
+            f"{PREFIX}_pull_runs",
+            "Runs of the [[pull]] schedules (dicom_node.backfill), by outcome.",
+            ["pull", "outcome"],
+        ),
+        Counter(
+            f"{PREFIX}_pull_studies",
+            "Studies a [[pull]] schedule brought to the node (pulled without a failure).",
+            ["pull"],
+        ),
+    )
+
+
+def observe_pull(name: str, outcome: str, studies: int) -> None:
+    """Count one run of the ``[[pull]]`` schedule ``name``: ``success`` or ``failure``."""
+    runs, pulled = _pull_metrics()
+    runs.labels(pull=name, outcome=outcome).inc()
+    pulled.labels(pull=name).inc(studies)
+
+
 def observe_association(what: str) -> None:
     """``accepted``, ``rejected`` or ``closed`` (released or aborted).
 

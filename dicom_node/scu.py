@@ -21,6 +21,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import time
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
@@ -344,6 +345,56 @@ def find(
                 continue
             return FindOutcome(code, matches)
         return FindOutcome(STATUS_NO_RESPONSE, matches, "no final status", STAGE_RESPONSE)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+@dataclass(frozen=True)
+class MoveOutcome:
+    """The result of one C-MOVE: its final status and the sub-operation counts (PS3.4 C.4.2.1.6)."""
+
+    status: int  # the final DIMSE status, or STATUS_NO_RESPONSE / STATUS_NOT_SENT
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    detail: str = ""
+    stage: str = ""  # empty when the peer answered with a final status, else a STAGE_* value
+
+
+def move(
+    peer: Peer,
+    identifier: Dataset,
+    move_destination: str,
+    *,
+    model: str = StudyRootQueryRetrieveInformationModelMove,
+) -> MoveOutcome:
+    """C-MOVE ``identifier`` from ``peer`` to the AE title ``move_destination`` (which the peer
+    must know), waiting for the final response. Never raises for network trouble (like
+    :func:`find`)."""
+    ae = _make_ae(peer)
+    ae.add_requested_context(model)
+    assoc = _associate(ae, peer)
+    if not assoc.is_established:
+        stage = STAGE_CONTEXT if no_context_accepted(assoc) else STAGE_ASSOCIATE
+        return MoveOutcome(STATUS_NOT_SENT, detail=association_failure(assoc), stage=stage)
+    try:
+        if not any(str(cx.abstract_syntax) == str(model) for cx in assoc.accepted_contexts):
+            detail = "peer does not support this C-MOVE model"
+            return MoveOutcome(STATUS_NOT_SENT, detail=detail, stage=STAGE_CONTEXT)
+        for status, _ in assoc.send_c_move(identifier, move_destination, model):
+            if status is None or "Status" not in status:
+                return MoveOutcome(STATUS_NO_RESPONSE, detail=NO_RESPONSE, stage=STAGE_RESPONSE)
+            code = int(status.Status)
+            if code in (STATUS_PENDING, STATUS_PENDING_WARNING):
+                continue
+            return MoveOutcome(
+                code,
+                completed=int(status.get("NumberOfCompletedSuboperations", 0) or 0),
+                failed=int(status.get("NumberOfFailedSuboperations", 0) or 0),
+                warning=int(status.get("NumberOfWarningSuboperations", 0) or 0),
+            )
+        return MoveOutcome(STATUS_NO_RESPONSE, detail="no final status", stage=STAGE_RESPONSE)
     finally:
         if assoc.is_established:
             assoc.release()

@@ -833,6 +833,29 @@ class RetentionSettings(_Section):
         return self
 
 
+class PullSettings(_Section):
+    """One ``[[pull]]`` table: a backfill that ``dicom-node serve`` runs every ``interval_s``
+    seconds (:mod:`dicom_node.backfill`), pulling the studies of the last ``lookback_hours``
+    from ``source`` that the node has not processed yet. The catch-up for studies a PACS
+    should have sent while the node was down."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    """Names the schedule in the audit trail, the log and the metrics."""
+    source: str = Field(min_length=1)
+    """A DICOMweb URL (``http(s)://[user:password@]host/dicom-web``), ``dicom://AET@host:port``
+    (C-FIND + C-MOVE to this node's AE title), or the name of a configured destination."""
+    interval_s: float = Field(default=3600.0, ge=10)
+    """Seconds between two runs; the first runs shortly after start-up."""
+    lookback_hours: float = Field(default=24.0, gt=0)
+    """Each run asks for studies with a Study Date since now minus this (whole days: Study
+    Date has no time)."""
+    modality: str | None = Field(default=None, pattern=r"^[A-Z0-9]{1,16}$")
+    """Only studies with this modality (ModalitiesInStudy), e.g. ``CT``."""
+    limit: int = Field(default=500, ge=1, le=100_000)
+    """At most this many studies pulled per run; the rest come in later runs."""
+    enabled: bool = True
+
+
 class Settings(BaseSettings):
     """Everything the node can be told. See the README for the environment variable names."""
 
@@ -878,6 +901,8 @@ class Settings(BaseSettings):
     alerts: AlertSettings = AlertSettings()
     probes: ProbeSettings = ProbeSettings()
     retention: RetentionSettings = RetentionSettings()
+    pull: list[PullSettings] = Field(default_factory=list)
+    """``[[pull]]`` schedules run by ``dicom-node serve`` (:mod:`dicom_node.backfill`)."""
 
     @field_validator("ae_title")
     @classmethod
@@ -914,6 +939,22 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"route {rule.name!r} names unknown destination(s) {missing}; "
                     f"configured: {sorted(known) or 'none'}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _pull_sources(self) -> Settings:
+        names = [p.name for p in self.pull]
+        if len(names) != len(set(names)):
+            raise ValueError("[[pull]] names must be unique")
+        known = set(self.all_destinations())
+        for pull in self.pull:
+            if "://" in pull.source:
+                parse_destination_url(pull.source)
+            elif pull.source not in known:
+                raise ValueError(
+                    f"pull {pull.name!r}: source {pull.source!r} is neither a URL nor a "
+                    f"configured destination ({', '.join(sorted(known)) or 'none configured'})"
                 )
         return self
 

@@ -7,10 +7,23 @@
 -- sent is sent again only if it gained instances since.
 --
 -- What was sent is remembered per series in the user metadata ROUTED (the instance count at the
--- time), so it survives restarts. Declare it in the configuration:
---     "UserMetadata": { "AiNodeRouted": 1024 }
--- It is written only once the store job has succeeded: if the node was down, the study is sent
--- again the next time it becomes stable, or by hand (POST /modalities/ainode/store).
+-- time), so it survives restarts. It is written only once the store job has succeeded.
+--
+-- Nothing is missed when the node is down: a study not yet accepted by the node carries the
+-- study-level user metadata PENDING ("<attempts> <next attempt, Unix time>") and is sent again
+-- with exponential back-off (RETRY_FIRST doubling up to RETRY_MAX seconds) until a store job
+-- succeeds. On start-up (Initialize) the queue is rebuilt from that metadata, so it survives an
+-- Orthanc restart; when one study gets through, every waiting study is tried at once. Declare
+-- both names in the configuration:
+--     "UserMetadata": { "AiNodeRouted": 1024, "AiNodePending": 1025 }
+--
+-- When retries run: Orthanc >= 1.11.1 calls OnHeartBeat every "LuaHeartBeatPeriod" seconds
+-- (set in orthanc.json), which retries every study whose time has come. Orthanc 1.10 (Debian 12)
+-- has no timer in Lua, and anything that waits inside a Lua callback holds Orthanc's Lua lock,
+-- which every REST request and every received instance also takes; so there the queue is
+-- retried on events instead: at start-up, whenever any study becomes stable, and when any of
+-- its store jobs ends. On 1.10 let the node pull what it misses as well (a [[pull]] schedule on
+-- the node, see README.md).
 --
 -- Logs name Orthanc's opaque identifiers only, never patient data.
 
@@ -25,10 +38,15 @@ local OUR_MARKS = {              -- a series is the node's own output when any o
   SeriesDescription = '^AI:',
   ContentCreatorName = '^dicom%-node$',
 }
-local ROUTED = 'AiNodeRouted'    -- user metadata (see above)
+local ROUTED = 'AiNodeRouted'    -- series user metadata (see above)
+local PENDING = 'AiNodePending'  -- study user metadata (see above)
+local RETRY_FIRST = 10           -- seconds before the first retry of a study the node did not take
+local RETRY_MAX = 600            -- back-off ceiling, seconds
 ------------------------------------------------------------------------------
 
-local pending = {}               -- store job ID -> series to mark once the job succeeded
+local jobs = {}                  -- store job ID -> { study = ID, marks = series to mark }
+local queue = {}                 -- study ID -> { attempts = n, due = Unix time }, mirrors PENDING
+local inFlight = {}              -- study ID -> store job ID
 
 local function log(message)
   print('dicom-node auto-route: ' .. message)
@@ -73,10 +91,44 @@ local function routedCount(seriesId)
   return 0
 end
 
-function OnStableStudy(studyId, tags, metadata)
+local function hasMetadata(path, name)
+  -- GET .../metadata lists the names; asking for a missing one is an error.
+  local ok, names = pcall(RestApiGet, path .. '/metadata')
+  if not ok then
+    return false
+  end
+  for _, found in ipairs(ParseJson(names)) do
+    if found == name then
+      return true
+    end
+  end
+  return false
+end
+
+local function delay(attempts)
+  return math.floor(math.min(RETRY_FIRST * 2 ^ math.max(attempts - 1, 0), RETRY_MAX))
+end
+
+local function remember(studyId, attempts, due)
+  queue[studyId] = { attempts = attempts, due = due }
+  pcall(RestApiPut, '/studies/' .. studyId .. '/metadata/' .. PENDING, attempts .. ' ' .. due)
+end
+
+local function forget(studyId)
+  queue[studyId] = nil
+  if hasMetadata('/studies/' .. studyId, PENDING) then
+    pcall(RestApiDelete, '/studies/' .. studyId .. '/metadata/' .. PENDING)
+  end
+end
+
+local function seriesToSend(studyId)
+  local ok, answer = pcall(RestApiGet, '/studies/' .. studyId .. '/series')
+  if not ok then
+    return nil -- the study was deleted meanwhile
+  end
   local resources = {}
   local marks = {}
-  for _, series in ipairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))) do
+  for _, series in ipairs(ParseJson(answer)) do
     local instances = series['Instances']
     local count = #instances
     if count > 0 then
@@ -90,29 +142,100 @@ function OnStableStudy(studyId, tags, metadata)
       end
     end
   end
-  if #resources == 0 then
-    return
+  return resources, marks
+end
+
+local function route(studyId)
+  if inFlight[studyId] ~= nil then
+    return false -- its job will report; a newer stable event is looked at again then
   end
+  local resources, marks = seriesToSend(studyId)
+  if resources == nil or #resources == 0 then
+    forget(studyId)
+    return false
+  end
+  local attempts = (queue[studyId] or { attempts = 0 }).attempts
+  -- Pending before the job starts: a crash or restart while it runs still retries the study.
+  remember(studyId, attempts, os.time() + delay(attempts + 1))
   local request = { Resources = resources, Asynchronous = true, Permissive = false }
   local answer = ParseJson(RestApiPost('/modalities/' .. TARGET .. '/store', DumpJson(request, true)))
-  pending[answer['ID']] = marks
-  log('study ' .. studyId .. ': sending ' .. #resources .. ' series to ' .. TARGET .. ' (job ' .. answer['ID'] .. ')')
+  jobs[answer['ID']] = { study = studyId, marks = marks }
+  inFlight[studyId] = answer['ID']
+  log('study ' .. studyId .. ': sending ' .. #resources .. ' series to ' .. TARGET .. ' (job ' .. answer['ID'] .. ', attempt ' .. (attempts + 1) .. ')')
+  return true
+end
+
+local function retryDue(everything)
+  local now = os.time()
+  local sent = false
+  for studyId, entry in pairs(queue) do
+    if inFlight[studyId] == nil and (everything or entry.due <= now) then
+      sent = route(studyId) or sent
+    end
+  end
+  return sent
+end
+
+function Initialize()
+  -- Rebuild the queue from PENDING: one metadata read per study, in pages.
+  local since = 0
+  local page = 1000
+  repeat
+    local ids = ParseJson(RestApiGet('/studies?since=' .. since .. '&limit=' .. page))
+    for _, studyId in ipairs(ids) do
+      if hasMetadata('/studies/' .. studyId, PENDING) then
+        local value = RestApiGet('/studies/' .. studyId .. '/metadata/' .. PENDING)
+        queue[studyId] = { attempts = tonumber(string.match(value, '^(%d+)')) or 0, due = 0 }
+      end
+    end
+    since = since + page
+  until #ids < page
+  local waiting = 0
+  for _ in pairs(queue) do
+    waiting = waiting + 1
+  end
+  if waiting > 0 then
+    log(waiting .. ' studies not yet accepted by ' .. TARGET .. ': sending them again')
+    retryDue(true)
+  end
+end
+
+function OnHeartBeat()
+  retryDue(false)
+end
+
+function OnStableStudy(studyId, tags, metadata)
+  route(studyId)
+  retryDue(false)
 end
 
 function OnJobSuccess(jobId)
-  local marks = pending[jobId]
-  if marks == nil then
+  local job = jobs[jobId]
+  if job == nil then
     return
   end
-  pending[jobId] = nil
-  for _, mark in ipairs(marks) do
+  jobs[jobId] = nil
+  inFlight[job.study] = nil
+  for _, mark in ipairs(job.marks) do
     RestApiPut('/series/' .. mark.id .. '/metadata/' .. ROUTED, tostring(mark.count))
   end
+  -- Done, unless instances arrived while the job ran: then those series go now.
+  queue[job.study] = nil
+  route(job.study)
+  -- The node takes studies again: whatever waits goes now, not at its back-off time.
+  retryDue(true)
 end
 
 function OnJobFailure(jobId)
-  if pending[jobId] ~= nil then
-    pending[jobId] = nil
-    log('job ' .. jobId .. ' could not send to ' .. TARGET .. '; the study is sent again when it next becomes stable')
+  local job = jobs[jobId]
+  if job == nil then
+    return
   end
+  jobs[jobId] = nil
+  inFlight[job.study] = nil
+  local attempts = (queue[job.study] or { attempts = 0 }).attempts + 1
+  local wait = delay(attempts)
+  remember(job.study, attempts, os.time() + wait)
+  log('job ' .. jobId .. ' could not send study ' .. job.study .. ' to ' .. TARGET .. ' (attempt ' .. attempts .. '); next attempt in ' .. wait .. ' s or at the next event')
+  retryDue(false)
 end

@@ -9,6 +9,7 @@ land in the same study in Orthanc (here the results are uploaded by the test ins
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import pydicom
 import pytest
 
 from tests.delivery_peers import result_objects
-from tests.dicomgen import ct_series
+from tests.dicomgen import CANARY_NAME, ct_series
 from tests.peers import REPO, NodeProcess, Orthanc, wait_until
 
 CONFIG = REPO / "orthanc" / "orthanc.json"
@@ -56,7 +57,8 @@ def test_shipped_configuration_is_safe_and_complete() -> None:
         True,
     )
     assert cfg["LuaScripts"] == ["autoroute.lua"] and (CONFIG.parent / "autoroute.lua").is_file()
-    assert "AiNodeRouted" in cfg["UserMetadata"]
+    assert "AiNodeRouted" in cfg["UserMetadata"] and "AiNodePending" in cfg["UserMetadata"]
+    assert cfg["LuaHeartBeatPeriod"] > 0  # the retry timer on Orthanc >= 1.11.1
     example = json.loads((CONFIG.parent / "credentials.json.example").read_text())
     assert example["RegisteredUsers"]
 
@@ -188,3 +190,77 @@ def test_stable_ct_study_is_routed_to_the_node_and_results_are_not(
     assert len(store_jobs(orthanc)) == jobs_before_results + 1  # only the control study's job
     assert node_duplicates(node) == duplicates_before_results  # the CT was not sent a third time
     assert all(j["State"] == "Success" for j in store_jobs(orthanc))
+
+
+def test_studies_routed_while_the_node_is_down_reach_it_after_an_orthanc_restart(
+    tmp_path: Path,
+) -> None:
+    """Node down -> studies stored -> Orthanc restarted (node still down) -> node started -> the
+    next study arrives: every study reaches the node with nobody touching anything (the PENDING
+    queue in autoroute.lua). Orthanc 1.10 has no Lua timer, so the retry rides on the next event;
+    from 1.11.1 OnHeartBeat also retries on time."""
+    node = NodeProcess(
+        tmp_path / "node",
+        env={"DICOM_NODE_WORKER__EMBEDDED_WORKERS": "0", "DICOM_NODE_STABLE_SECONDS": "3600"},
+    )  # ports chosen, not started
+    workdir = tmp_path / "orthanc"
+    workdir.mkdir()
+    script = SCRIPT.read_text()
+    for name, value in {"RETRY_FIRST": 1, "RETRY_MAX": 2}.items():
+        script, replaced = re.subn(
+            rf"^local {name} = \d+", f"local {name} = {value}", script, flags=re.M
+        )
+        assert replaced == 1, name
+    (workdir / "autoroute.lua").write_text(script)
+    extra = {k: v for k, v in shipped_config().items() if k not in MACHINE_SPECIFIC}
+    extra["DicomModalities"]["ainode"]["Port"] = node.dicom_port
+    extra["StableAge"] = STABLE_AGE
+    extra["SaveJobs"] = False
+    orthanc = Orthanc(workdir, extra=extra).start()
+    try:
+        studies = []
+        for name in ("a", "b", "c"):
+            ct = ct_series(tmp_path / f"ct-{name}", slices=3)
+            studies.append(str(pydicom.dcmread(ct[0]).StudyInstanceUID))
+            orthanc.upload(ct)
+        wait_until(
+            lambda: (
+                len(pending_studies(orthanc)) == 3
+                and sum(j["State"] == "Failure" for j in store_jobs(orthanc)) >= 3
+            ),
+            60,
+            message="three studies pending after failed store jobs",
+        )
+        orthanc.stop()
+        orthanc.start()  # same database, same ports: the queue comes back from the metadata
+        assert len(pending_studies(orthanc)) == 3
+        wait_until(
+            lambda: any(j["State"] == "Failure" for j in store_jobs(orthanc)),
+            30,
+            message="a retry after the restart (node still down)",
+        )
+        node.start()
+        late = ct_series(tmp_path / "ct-late", slices=3)
+        studies.append(str(pydicom.dcmread(late[0]).StudyInstanceUID))
+        orthanc.upload(late)  # ordinary traffic: its stable event flushes the queue
+        for study in studies:
+            wait_until(
+                lambda study=study: len(node_instances(node, study)) == 3,
+                60,
+                message="study at the node",
+            )
+        wait_until(lambda: not pending_studies(orthanc), 30, message="queue empty")
+        assert all(list(routed_count(orthanc, s).values()) == ["3"] for s in studies)
+        log = (orthanc.workdir / "orthanc.log").read_text(errors="replace")
+        assert "not yet accepted" in log and CANARY_NAME not in log  # Orthanc IDs only
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def pending_studies(orthanc: Orthanc) -> list[str]:
+    return [
+        study
+        for study in orthanc.get("/studies").json()
+        if "AiNodePending" in orthanc.get(f"/studies/{study}/metadata").json()
+    ]

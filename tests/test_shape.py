@@ -68,6 +68,7 @@ EDGE_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "alerts",
                 "atna",
                 "audit",
+                "backfill",
                 "broker",
                 "completion",
                 "delivery",

@@ -667,18 +667,70 @@ class RouteRule(_Section):
         return v
 
 
+class CodeSettings(_Section):
+    """A coded concept typed in the settings, e.g. ``{code = "27925004", scheme = "SCT",
+    meaning = "Nodule"}`` (SNOMED CT; DCM for DICOM-defined codes)."""
+
+    code: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(default="SCT", min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class BundleLabelSettings(CodeSettings):
+    """What one label of a MONAI bundle's output means (``[models.<name>.labels.<index>]``):
+    a detection class index or a segmentation label value."""
+
+    site: CodeSettings | None = None
+    """Finding site, e.g. ``{code = "39607008", scheme = "SCT", meaning = "Lung"}``."""
+    findings: bool = False
+    """Segmentation bundles: also report each connected component of this label as a finding
+    (centre, key slice, diameter, volume) besides its SEG segment. Detection bundles: every
+    box is a finding anyway."""
+    min_volume_mm3: float = Field(default=0.0, ge=0)
+    """Segmentation bundles: components smaller than this are left out of the findings."""
+
+    def concept(self) -> dict[str, str]:
+        return {"code": self.code, "scheme": self.scheme, "meaning": self.meaning}
+
+
 class ModelSettings(_Section):
     """Per-model options, keyed by model name in ``[models.<name>]``."""
 
     path: Path | None = None
-    """A model folder (TorchScript file + model card) instead of an entry point."""
+    """A model folder (TorchScript file + model card) instead of an entry point; a folder with
+    ``configs/metadata.json`` is run as a MONAI bundle."""
+    bundle: Path | None = None
+    """A MONAI bundle folder (Model Zoo layout; needs the ``monai`` extra on the worker)."""
     plugin: str | None = None
     """``module:attribute`` of a Detector class or factory, for plug-ins that are not installed
     as a package (the attribute is called with this ModelSettings, or with no argument)."""
     queue: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threshold: float | None = None
+    """Detection bundles: the lowest box score reported (default: what the bundle keeps)."""
     options: dict[str, Any] = Field(default_factory=dict)
+    labels: dict[str, BundleLabelSettings] = Field(default_factory=dict)
+    """Bundles: label index (as a string) -> the code its findings and segments carry."""
+    weights: Literal["model.pt", "model.ts"] | None = None
+    """Bundles: which file under ``models/`` to load (default: model.pt if present, else
+    model.ts)."""
+    memory_limit_mib: int | None = Field(default=None, ge=16)
+    """Bundles: skip a study whose resampled input and outputs would need more than this."""
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, v: dict[str, BundleLabelSettings]) -> dict[str, BundleLabelSettings]:
+        for key in v:
+            if not key.isdigit():
+                raise ValueError(f"labels: key {key!r} must be a label index (0, 1, 2...)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSettings:
+        given = [n for n in ("path", "bundle", "plugin") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"a model has one source: {' and '.join(given)} are both set")
+        return self
 
 
 class LogSettings(_Section):

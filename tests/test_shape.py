@@ -80,6 +80,7 @@ EDGE_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "logs",
                 "loop",
                 "metrics",
+                "model_catalog",
                 "preview",
                 "reconcile",
                 "retention",
@@ -254,7 +255,14 @@ def long_modules(root: Path = REPO) -> tuple[list[str], list[str]]:
     return unexplained, stale
 
 
-COMPUTE_SIDE = {"workers", *(m for mods in WORKER_EXTRA_IMPORTS.values() for m in mods)}
+MONAI_EXTRA_IMPORTS = ("monai", "nibabel")
+"""The ``monai`` extra (MONAI bundles, workers/models/bundle): compute side as well."""
+
+COMPUTE_SIDE = {
+    "workers",
+    *MONAI_EXTRA_IMPORTS,
+    *(m for mods in WORKER_EXTRA_IMPORTS.values() for m in mods),
+}
 
 
 def test_the_edge_never_imports_the_compute_side() -> None:

@@ -2,8 +2,9 @@
 
 A model name resolves, in this order, to:
 
-1. ``[models.<name>] path = "/models/x"`` — a model folder (TorchScript + card,
-   :mod:`workers.models.torchscript`);
+1. ``[models.<name>] bundle = "/models/x"`` (or a ``path`` holding ``configs/metadata.json``) —
+   a MONAI bundle (:mod:`workers.models.bundle`); ``path = "/models/x"`` — a model folder
+   (TorchScript + card, :mod:`workers.models.torchscript`);
 2. ``[models.<name>] plugin = "package.module:Factory"``;
 3. the entry point ``<name>`` of group ``dicom_node.models`` of any installed package (the
    built-in ``lung-nodules`` is one).
@@ -30,6 +31,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from dicom_node.errors import ModelLoadError
+from dicom_node.model_catalog import bundle_folder
 from dicom_node.settings import ModelSettings, Settings
 from workers.models.base import Detector, ModelInfo
 
@@ -80,10 +82,15 @@ def _call_factory(factory: Callable[..., Any], cfg: ModelSettings | None, device
 def _load(name: str, settings: Settings) -> Detector:
     cfg = settings.models.get(name)
     device = resolve_device(cfg.device if cfg else "auto")
-    if cfg is not None and cfg.path is not None:
+    bundle = bundle_folder(cfg) if cfg is not None else None
+    if cfg is not None and bundle is not None:
+        from workers.models.bundle.detector import BundleDetector
+
+        detector: Any = BundleDetector(name, cfg, bundle, device=device)
+    elif cfg is not None and cfg.path is not None:
         from workers.models.torchscript import TorchScriptDetector
 
-        detector: Any = TorchScriptDetector.from_folder(cfg.path, device=device, threshold=cfg.threshold)
+        detector = TorchScriptDetector.from_folder(cfg.path, device=device, threshold=cfg.threshold)
     else:
         if cfg is not None and cfg.plugin:
             module_name, _, attr = cfg.plugin.partition(":")
@@ -94,7 +101,7 @@ def _load(name: str, settings: Settings) -> Detector:
         else:
             eps = _entry_point_factories()
             if name not in eps:
-                known = sorted(set(eps) | {n for n, c in settings.models.items() if c.path or c.plugin})
+                known = sorted(set(eps) | {n for n, c in settings.models.items() if c.path or c.bundle or c.plugin})
                 raise ModelLoadError(f"unknown model {name!r}; available: {', '.join(known) or 'none'}")
             try:
                 factory = eps[name].load()
@@ -141,7 +148,7 @@ def clear_cache() -> None:
 def available_models(settings: Settings) -> dict[str, ModelInfo]:
     """Name -> ModelInfo of every model this worker can run (installed entry points and the
     configured folders and plug-ins). Models that fail to load are left out and logged."""
-    names = set(_entry_point_factories()) | {n for n, c in settings.models.items() if c.path or c.plugin}
+    names = set(_entry_point_factories()) | {n for n, c in settings.models.items() if c.path or c.bundle or c.plugin}
     out: dict[str, ModelInfo] = {}
     for name in sorted(names):
         try:

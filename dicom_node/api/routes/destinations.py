@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 
 from dicom_node.api.deps import Admin, DatabaseDep, SettingsDep
 from dicom_node.delivery.probe import describe_target, last_probes, mask_url
+from dicom_node.model_catalog import bundle_folder, describe_model
 from dicom_node.settings import ModelSettings, RouteRule, Settings
 from dicom_node.state import Database, Delivery, Job
 
@@ -123,9 +124,8 @@ def read_card(folder: Path) -> dict[str, Any] | None:
             return {"error": f"{card_name} cannot be read"}
         if not isinstance(data, dict):
             return {"error": f"{card_name} is not a mapping"}
-        return {
-            k: data.get(k) for k in ("name", "version", "sha256", "validated_input") if k in data
-        }
+        keys = ("name", "version", "sha256", "validated_input", "licence", "intended_use")
+        return {k: data.get(k) for k in keys if k in data}
     return None
 
 
@@ -149,7 +149,18 @@ def model_views(settings: Settings, db: Database) -> list[dict[str, Any]]:
     views = []
     for name in sorted(names):
         cfg = settings.models.get(name) or ModelSettings()
-        if cfg.path is not None:
+        card = read_card(cfg.path) if cfg.path is not None else None
+        if bundle_folder(cfg) is not None:
+            bundle = describe_model(name, cfg)
+            source = bundle["source"]
+            card = {
+                "version": bundle["version"],
+                "error": bundle["error"],
+                "licence": bundle["licence"],
+                "intended_use": bundle["intended_use"],
+                "validated_input": bundle["accepts"],
+            }
+        elif cfg.path is not None:
             source = f"model folder {cfg.path}"
         elif cfg.plugin is not None:
             source = f"plug-in {cfg.plugin}"
@@ -163,7 +174,7 @@ def model_views(settings: Settings, db: Database) -> list[dict[str, Any]]:
                 "queue": cfg.queue or "cpu",
                 "device": cfg.device,
                 "threshold": cfg.threshold,
-                "card": read_card(cfg.path) if cfg.path is not None else None,
+                "card": card,
                 "last_version": seen["last"][0] if seen["last"] else None,
                 "versions": seen["versions"],
             }

@@ -682,6 +682,10 @@ class BundleLabelSettings(CodeSettings):
 
     site: CodeSettings | None = None
     """Finding site, e.g. ``{code = "39607008", scheme = "SCT", meaning = "Lung"}``."""
+    category: CodeSettings | None = None
+    """Segmented Property Category of its SEG segment (CID 7150), e.g. ``{code = "91723000",
+    scheme = "SCT", meaning = "Anatomical Structure"}`` for an organ; unset: Morphologically
+    Abnormal Structure unless the type is a known organ or tissue."""
     findings: bool = False
     """Segmentation bundles: also report each connected component of this label as a finding
     (centre, key slice, diameter, volume) besides its SEG segment. Detection bundles: every

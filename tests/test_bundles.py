@@ -218,6 +218,30 @@ def test_segmentation_mask_lands_on_the_blob(bundles: dict[str, Path], volumes: 
     assert region.volume_mm3 == pytest.approx(4 / 3 * np.pi * BLOB_RADIUS**3, rel=0.5)
 
 
+def test_a_labels_category_is_the_seg_segments_category(bundles: dict[str, Path], volumes: dict[str, Any]) -> None:
+    """An organ from a segmentation bundle is an Anatomical Structure in the SEG, not the
+    "Morphologically abnormal structure" a lesion type gets by default."""
+    from tests.resultdata import detection, job_for
+    from workers.results import KIND_SEG, encode_results
+
+    volume = volumes["straight"]
+    organ = {"code": "78961009", "scheme": "SCT", "meaning": "Spleen"}
+    anatomical = {"code": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"}
+    categories = []
+    for labels in ({"1": organ}, {"1": {**organ, "category": anatomical}}):
+        detector = _detector(bundles["blob-seg"], "model.ts", labels=labels)
+        result = detector.predict(volume)
+        (seg,) = [
+            o.dataset
+            for o in encode_results(volume, detection(volume, result.findings), job_for(volume))
+            if o.kind == KIND_SEG
+        ]
+        (segment,) = seg.SegmentSequence
+        assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "78961009"
+        categories.append(str(segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue))
+    assert categories == ["49755003", "91723000"]
+
+
 @pytest.mark.parametrize("name", ["retinanet", "unet", "segresnet"])
 @pytest.mark.parametrize("weights", ["model.pt", "model.ts"])
 def test_random_weight_networks_run_from_both_weight_files(

@@ -81,6 +81,10 @@ class Finding:
     """Optional float32 probability map (same shape) for FRACTIONAL SEG."""
     kind: str | None = None
     """Model-specific subtype, e.g. solid / part-solid / ground-glass."""
+    category: CodedConcept | None = None
+    """Segmented Property Category (CID 7150) of its SEG segment when the model says it (e.g.
+    an organ from a segmentation bundle: Anatomical Structure); unset: derived from ``label``
+    (:func:`workers.results.seg.category_for`)."""
     measurements: list[Measurement] = field(default_factory=list)
     """Further measurements beyond diameter and volume."""
 

@@ -167,7 +167,7 @@ def build_segmentation(
             hd.seg.SegmentDescription(
                 segment_number=number,
                 segment_label=finding_identifier(finding, index + 1),
-                segmented_property_category=coded(category_for(finding.label)),
+                segmented_property_category=coded(finding.category or category_for(finding.label)),
                 segmented_property_type=coded(finding.label),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,

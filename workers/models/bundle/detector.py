@@ -175,7 +175,7 @@ class BundleDetector:
             description=(self.meta.description or self.meta.task)[:64],
             manufacturer=(self.meta.authors or "unknown")[:64],
             weights_sha256=digest,
-            labels=tuple(code[0] for _, code in sorted(self.labels.items())),
+            labels=tuple(code.concept for _, code in sorted(self.labels.items())),
             queue=cfg.queue or "cpu",
         )
         self._requirements = requirements_of(self.meta)

@@ -8,18 +8,39 @@ only), which the edge's ``dicom-node models`` uses as well.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from dicom_node.model_catalog import BundleMetadata, read_bundle
-from dicom_node.settings import ModelSettings
+from dicom_node.settings import CodeSettings, ModelSettings
 from workers.findings import MORPHOLOGICALLY_ABNORMAL_STRUCTURE, CodedConcept
 from workers.models.base import InputRequirements
 
-__all__ = ["BundleMetadata", "LabelCode", "label_table", "read_bundle", "requirements_of"]
+__all__ = ["GENERIC", "BundleMetadata", "LabelCode", "label_table", "read_bundle", "requirements_of"]
 
 LOGGER = logging.getLogger(__name__)
 
-LabelCode = tuple[CodedConcept, CodedConcept | None, bool, float]
-"""(finding type, finding site, report components as findings, minimum component volume mm3)."""
+@dataclass(frozen=True)
+class LabelCode:
+    """What one label of a bundle's output means, from ``[models.<name>.labels.<index>]``."""
+
+    concept: CodedConcept
+    """Finding type / Segmented Property Type."""
+    site: CodedConcept | None = None
+    """Finding site."""
+    category: CodedConcept | None = None
+    """Segmented Property Category (CID 7150); unset: from the type (``workers.results.seg``)."""
+    per_component: bool = False
+    """Segmentation: also report each connected component as a finding."""
+    min_volume_mm3: float = 0.0
+    """Segmentation: smaller components are left out of the findings."""
+
+
+GENERIC = LabelCode(MORPHOLOGICALLY_ABNORMAL_STRUCTURE)
+"""The code of a label the settings do not code."""
+
+
+def _concept(spec: CodeSettings | None) -> CodedConcept | None:
+    return None if spec is None else CodedConcept(spec.code, spec.scheme, spec.meaning)
 
 
 def requirements_of(meta: BundleMetadata) -> InputRequirements:
@@ -38,12 +59,12 @@ def label_table(meta: BundleMetadata, cfg: ModelSettings) -> dict[int, LabelCode
     but the settings do not code get the generic "Morphologically abnormal structure"."""
     table: dict[int, LabelCode] = {}
     for key, spec in cfg.labels.items():
-        site = CodedConcept(spec.site.code, spec.site.scheme, spec.site.meaning) if spec.site else None
-        table[int(key)] = (
+        table[int(key)] = LabelCode(
             CodedConcept(spec.code, spec.scheme, spec.meaning),
-            site,
-            spec.findings,
-            spec.min_volume_mm3,
+            site=_concept(spec.site),
+            category=_concept(spec.category),
+            per_component=spec.findings,
+            min_volume_mm3=spec.min_volume_mm3,
         )
     declared = {int(k) for k in meta.channel_def if k.isdigit()}
     if meta.kind == "segmentation":
@@ -56,5 +77,5 @@ def label_table(meta: BundleMetadata, cfg: ModelSettings) -> dict[int, LabelCode
             meta.channel_def.get(str(index), "?"),
             MORPHOLOGICALLY_ABNORMAL_STRUCTURE.meaning,
         )
-        table[index] = (MORPHOLOGICALLY_ABNORMAL_STRUCTURE, None, False, 0.0)
+        table[index] = GENERIC
     return table

@@ -14,17 +14,15 @@ from scipy import ndimage
 from workers.findings import (
     DIAMETER,
     MM,
-    MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
     Finding,
     Measurement,
 )
-from workers.models.bundle.metadata import LabelCode
+from workers.models.bundle.metadata import GENERIC, LabelCode
 from workers.models.bundle.orientation import flip_lps_ras, image_to_lps, lps_to_source
 from workers.models.measure import finding_from_mask, slice_volumes_mm3
 from workers.volume import Volume
 
-GENERIC: LabelCode = (MORPHOLOGICALLY_ABNORMAL_STRUCTURE, None, False, 0.0)
-"""The code of a label the settings do not code."""
+__all__ = ["GENERIC", "box_convention", "box_finding", "label_map_findings"]
 
 
 def _target(item: Any) -> str:
@@ -75,10 +73,10 @@ def box_finding(
     bbox = (i + 0.5 - half_i, j + 0.5 - half_j, i + 0.5 + half_i, j + 0.5 + half_j)
     diameter = 2 * max(half_i * volume.pixel_spacing[1], half_j * volume.pixel_spacing[0])
     volume_mm3 = float(np.pi / 6 * np.prod(2 * half))
-    concept, site, _, _ = code
     return Finding(
-        label=concept,
-        site=site,
+        label=code.concept,
+        site=code.site,
+        category=code.category,
         confidence=float(np.clip(score, 0.0, 1.0)),
         center_ijk=(float(k), float(j), float(i)),
         center_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
@@ -97,24 +95,25 @@ def label_map_findings(volume: Volume, source: np.ndarray, labels: dict[int, Lab
     voxel_mm3 = slice_volumes_mm3(volume)
     findings: list[Finding] = []
     for value in sorted(int(v) for v in np.unique(source) if v != 0):
-        concept, site, per_component, min_mm3 = labels.get(value, GENERIC)
+        code = labels.get(value, GENERIC)
         mask = source == value
-        whole = finding_from_mask(volume, mask, 1.0, label=concept, site=site)
+        whole = finding_from_mask(volume, mask, 1.0, label=code.concept, site=code.site)
         if whole is None:
             continue
+        whole.category = code.category
         whole.measurements = []  # a label's region: its volume is the measurement
         findings.append(whole)
-        if not per_component:
+        if not code.per_component:
             continue
         components, _ = ndimage.label(mask)
         for n, box in enumerate(ndimage.find_objects(components), start=1):
             if box is None:
                 continue
             comp = components[box] == n
-            if float((comp.sum(axis=(1, 2)) * voxel_mm3[box[0]]).sum()) < min_mm3:
+            if float((comp.sum(axis=(1, 2)) * voxel_mm3[box[0]]).sum()) < code.min_volume_mm3:
                 continue
             offset = (int(box[0].start), int(box[1].start), int(box[2].start))
-            part = finding_from_mask(volume, comp, 1.0, label=concept, site=site, offset=offset)
+            part = finding_from_mask(volume, comp, 1.0, label=code.concept, site=code.site, offset=offset)
             if part is not None:
                 part.mask = None  # one SEG segment per label; components are SR findings
                 findings.append(part)

@@ -353,9 +353,12 @@ url = "{orthanc.dicomweb_url_with_credentials}"
     env = NodeEnv(tmp_path / "node", database_url, broker_url=redis_server.url, config_text=config).start()
     try:
         env.add_worker()
+        # The PACS sends each study to the node, as a routing rule in Orthanc would.
+        orthanc.add_modality("ainode", "AINODE", env.node.dicom_port)
         for paths in studies.values():
-            orthanc.upload(paths)
-            env.send(paths)
+            ids = orthanc.upload(paths)
+            sent = orthanc.post("/modalities/ainode/store", json={"Resources": ids, "Synchronous": True})
+            assert sent.status_code == 200, sent.text
         jobs = env.wait_all_terminal(3 * len(studies), timeout=150)
         by_model: dict[str, list[Any]] = {}
         for job in jobs:

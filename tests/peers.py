@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "tests" / ".cache"
 
 ORTHANC_USER = "orthanc"
+# Debian's orthanc-python; Orthanc loads it only for an Orthanc started with a python_script.
+ORTHANC_PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
 ORTHANC_PASSWORD = "orthanc-test"
 
 
@@ -151,9 +153,17 @@ class RedisServer:
 class Orthanc:
     """A real Orthanc with the DICOMweb plugin, configured from its own file on loopback."""
 
-    def __init__(self, workdir: Path, *, aet: str = "ORTHANC", extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        aet: str = "ORTHANC",
+        extra: dict[str, Any] | None = None,
+        python_script: Path | None = None,
+    ) -> None:
         self.workdir = workdir
         self.aet = aet
+        self.python_script = python_script  # loaded by the Python plugin ("PythonScript")
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.extra = extra or {}
@@ -180,6 +190,8 @@ class Orthanc:
         gdcm = Path("/usr/share/orthanc/plugins/libOrthancGdcm.so")
         if gdcm.exists():
             plugins.append(str(gdcm))
+        if self.python_script is not None:
+            plugins.append(str(ORTHANC_PYTHON_PLUGIN))
         cfg: dict[str, Any] = {
             "Name": "TEST-ORTHANC",
             "StorageDirectory": str(self.workdir / "db"),
@@ -202,12 +214,16 @@ class Orthanc:
             "DicomScuTimeout": 10,
             "StorageCompression": False,
         }
+        if self.python_script is not None:
+            cfg["PythonScript"] = str(self.python_script)
         cfg.update(self.extra)
         return cfg
 
     def start(self) -> Orthanc:
         if shutil.which("Orthanc") is None:
             raise RuntimeError("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+        if self.python_script is not None and not ORTHANC_PYTHON_PLUGIN.exists():
+            raise RuntimeError("Orthanc's Python plugin is not installed (apt-get install orthanc-python)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "db").mkdir(exist_ok=True)
         config_path = self.workdir / "orthanc.json"

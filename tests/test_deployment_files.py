@@ -324,8 +324,8 @@ def test_orthanc_wiring(compose: dict[str, Any], env: dict[str, str]) -> None:
     orthanc = compose["services"]["orthanc"]
     volumes = mounts(orthanc)
     config_mount = volumes["/etc/orthanc/orthanc.json"]
-    lua_mount = volumes["/etc/orthanc/autoroute.lua"]
-    for mount in (config_mount, lua_mount):
+    script_mount = volumes["/etc/orthanc/autoroute.py"]
+    for mount in (config_mount, script_mount):
         # Docker would create a directory in place of a missing bind source.
         assert Path(mount["source"]).is_file(), mount["source"]
         assert mount["read_only"] is True
@@ -334,6 +334,7 @@ def test_orthanc_wiring(compose: dict[str, Any], env: dict[str, str]) -> None:
     assert environment["DICOM_WEB_PLUGIN_ENABLED"] == "true"
     # The orthancteam image moves enabled plugins into /usr/share/orthanc/plugins/.
     assert "/usr/share/orthanc/plugins/libOrthancDicomWeb.so" in config["Plugins"]
+    assert "/usr/share/orthanc/plugins/libOrthancPython.so" in config["Plugins"]
     assert config["DicomWeb"]["Enable"] is True
     assert config["AuthenticationEnabled"] is True
     # Storage inside the named volume, which the image's orthanc user owns.
@@ -346,12 +347,18 @@ def test_orthanc_wiring(compose: dict[str, Any], env: dict[str, str]) -> None:
         "ainode": env["ORTHANC_AINODE_PASSWORD"],
         "viewer": env["ORTHANC_VIEWER_PASSWORD"],
     }
-    assert json.loads(environment["ORTHANC__LUA_SCRIPTS"]) == ["/etc/orthanc/autoroute.lua"]
+    # The auto-route script runs in the image's Python plugin (retries on a timer), never
+    # together with the Lua script (every study would be sent twice).
+    assert environment["PYTHON_PLUGIN_ENABLED"] == "true"
+    assert environment["ORTHANC__PYTHON_SCRIPT"] == "/etc/orthanc/autoroute.py"
+    assert "ORTHANC__LUA_SCRIPTS" not in environment and "LuaScripts" not in config
+    assert Path(script_mount["source"]).name == "autoroute.py"
+    assert {"AiNodeRouted", "AiNodePending"} <= set(config["UserMetadata"])
     modalities = json.loads(environment["ORTHANC__DICOM_MODALITIES"])
     assert set(modalities) == {"ainode"} and "ainode" in config["DicomModalities"]
     assert modalities["ainode"] == {"AET": "AINODE", "Host": "node", "Port": 11112}
-    # autoroute.lua sends to that modality.
-    assert re.search(r"TARGET\s*=\s*'ainode'", Path(lua_mount["source"]).read_text())
+    # autoroute.py sends to that modality.
+    assert re.search(r'^TARGET = "ainode"', Path(script_mount["source"]).read_text(), re.M)
 
 
 def test_viewer_is_wired_to_orthanc_and_the_node(

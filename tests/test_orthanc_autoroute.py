@@ -1,6 +1,7 @@
-"""The shipped Orthanc configuration and its auto-route script, run for real: Orthanc started from
-``orthanc/orthanc.json`` (only paths, ports and users replaced) with ``orthanc/autoroute.lua``
-next to it, and ``dicom-node serve`` as the registered modality ``ainode``.
+"""The shipped Orthanc configuration and its auto-route scripts, run for real: Orthanc started from
+``orthanc/orthanc.json`` with ``orthanc/autoroute.lua`` next to it, or from
+``orthanc/orthanc-python.json`` with the Python plugin loading ``orthanc/autoroute.py`` (only
+paths, ports and users replaced), and ``dicom-node serve`` as the registered modality ``ainode``.
 
 What stays for the job pipeline's end-to-end test: that the node's results, once written back,
 land in the same study in Orthanc (here the results are uploaded by the test instead).
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sqlite3
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,12 @@ import pytest
 
 from tests.delivery_peers import result_objects
 from tests.dicomgen import CANARY_NAME, ct_series
-from tests.peers import REPO, NodeProcess, Orthanc, wait_until
+from tests.peers import ORTHANC_PYTHON_PLUGIN, REPO, NodeProcess, Orthanc, wait_until
 
 CONFIG = REPO / "orthanc" / "orthanc.json"
 SCRIPT = REPO / "orthanc" / "autoroute.lua"
+PYTHON_CONFIG = REPO / "orthanc" / "orthanc-python.json"
+PYTHON_SCRIPT = REPO / "orthanc" / "autoroute.py"
 STABLE_AGE = 2
 # What differs between the shipped file and a test run on loopback; everything else is kept.
 MACHINE_SPECIFIC = {
@@ -34,11 +37,25 @@ MACHINE_SPECIFIC = {
     "HttpPort",
     "DicomPort",
     "RegisteredUsers",
+    "PythonScript",
 }
+# Where the Lua and the Python variants of the configuration differ: how the script is loaded.
+SCRIPT_LOADING = {"Plugins", "LuaScripts", "LuaHeartBeatPeriod", "PythonScript"}
 
 
-def shipped_config() -> dict[str, Any]:
-    return json.loads(CONFIG.read_text())
+def shipped_config(kind: str = "lua") -> dict[str, Any]:
+    return json.loads((CONFIG if kind == "lua" else PYTHON_CONFIG).read_text())
+
+
+def script_settings(kind: str) -> dict[str, str]:
+    """The settings block at the top of a script, as name -> the text of its value."""
+    if kind == "lua":
+        pattern = r"^local ([A-Z_]+) = (.+?)\s*(?:--.*)?$"
+        text = SCRIPT.read_text()
+    else:
+        pattern = r"^([A-Z_]+)(?:: [^=]+)? = (.+?)\s*(?:#.*)?$"
+        text = PYTHON_SCRIPT.read_text()
+    return dict(re.findall(pattern, text, flags=re.M))
 
 
 def test_shipped_configuration_is_safe_and_complete() -> None:
@@ -59,6 +76,34 @@ def test_shipped_configuration_is_safe_and_complete() -> None:
     assert cfg["LuaScripts"] == ["autoroute.lua"] and (CONFIG.parent / "autoroute.lua").is_file()
     assert "AiNodeRouted" in cfg["UserMetadata"] and "AiNodePending" in cfg["UserMetadata"]
     assert cfg["LuaHeartBeatPeriod"] > 0  # the retry timer on Orthanc >= 1.11.1
+    # The Python variant is the same configuration; only the way the script is loaded differs.
+    python = shipped_config("python")
+    assert {k: v for k, v in python.items() if k not in SCRIPT_LOADING} == {
+        k: v for k, v in cfg.items() if k not in SCRIPT_LOADING
+    }
+    assert "LuaScripts" not in python  # both scripts at once would send every study twice
+    assert python["Plugins"] == [*cfg["Plugins"], str(ORTHANC_PYTHON_PLUGIN)]
+    # The Python plugin resolves a relative PythonScript against its working directory, not
+    # against the configuration: the path is absolute, the folder the README installs into.
+    assert python["PythonScript"] == "/etc/orthanc-ainode/autoroute.py" and PYTHON_SCRIPT.is_file()
+    # Both scripts route the same way and share their metadata, so a site can switch.
+    lua, py = script_settings("lua"), script_settings("python")
+    for name in ("TARGET", "ROUTED", "PENDING"):
+        assert lua[name].strip("'") == py[name].strip('"'), name
+    assert (lua["TARGET"], lua["ROUTED"], lua["PENDING"]) == (
+        "'ainode'",
+        "'AiNodeRouted'",
+        "'AiNodePending'",
+    )
+    assert set(cfg["UserMetadata"]) == {"AiNodeRouted", "AiNodePending"}
+    for name in ("MIN_INSTANCES", "RETRY_FIRST", "RETRY_MAX"):
+        assert lua[name] == py[name], name
+    assert set(re.findall(r"(\w+) = true", lua["NEVER_ROUTE"])) == set(
+        re.findall(r'"(\w+)"', py["NEVER_ROUTE"])
+    )
+    assert set(re.findall(r"(\w+) = true", lua["MODALITIES"])) == set(
+        re.findall(r'"(\w+)"', py["MODALITIES"])
+    )
     example = json.loads((CONFIG.parent / "credentials.json.example").read_text())
     assert example["RegisteredUsers"]
 
@@ -75,6 +120,10 @@ def node_instances(node: NodeProcess, study_uid: str) -> list[tuple[str, str]]:
             "WHERE s.study_instance_uid = ?",
             (study_uid,),
         ).fetchall()
+
+
+def instance_count_is(node: NodeProcess, study_uid: str, count: int) -> bool:
+    return len(node_instances(node, study_uid)) == count
 
 
 def node_duplicates(node: NodeProcess) -> int:
@@ -111,16 +160,34 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
     proc.stop()
 
 
-@pytest.fixture
-def routing_orthanc(tmp_path: Path, node: NodeProcess) -> Iterator[Orthanc]:
-    workdir = tmp_path / "orthanc"
-    workdir.mkdir()
-    shutil.copy(SCRIPT, workdir / "autoroute.lua")  # the shipped layout: script next to the config
-    extra = {k: v for k, v in shipped_config().items() if k not in MACHINE_SPECIFIC}
+def script_orthanc(workdir: Path, node: NodeProcess, kind: str, **settings: int) -> Orthanc:
+    """An Orthanc (not started) configured like the shipped ``kind`` ("lua" or "python"), its
+    script copied next to the configuration with ``settings`` replaced at the top."""
+    if kind == "python" and not ORTHANC_PYTHON_PLUGIN.exists():
+        pytest.skip("Orthanc's Python plugin is not installed (apt-get install orthanc-python)")
+    workdir.mkdir(parents=True)
+    source = SCRIPT if kind == "lua" else PYTHON_SCRIPT
+    script = source.read_text()
+    prefix = "local " if kind == "lua" else ""
+    for name, value in settings.items():
+        script, replaced = re.subn(
+            rf"^{prefix}{name} = \d+", f"{prefix}{name} = {value}", script, flags=re.M
+        )
+        assert replaced == 1, name
+    (workdir / source.name).write_text(script)  # the shipped layout: script next to the config
+    extra = {k: v for k, v in shipped_config(kind).items() if k not in MACHINE_SPECIFIC}
     extra["DicomModalities"]["ainode"]["Port"] = node.dicom_port
     extra["StableAge"] = STABLE_AGE
     extra["SaveJobs"] = False
-    server = Orthanc(workdir, extra=extra).start()
+    python_script = workdir / source.name if kind == "python" else None
+    return Orthanc(workdir, extra=extra, python_script=python_script)
+
+
+@pytest.fixture(params=["lua", "python"])
+def routing_orthanc(
+    request: pytest.FixtureRequest, tmp_path: Path, node: NodeProcess
+) -> Iterator[Orthanc]:
+    server = script_orthanc(tmp_path / "orthanc", node, request.param).start()
     yield server
     server.stop()
 
@@ -203,20 +270,7 @@ def test_studies_routed_while_the_node_is_down_reach_it_after_an_orthanc_restart
         tmp_path / "node",
         env={"DICOM_NODE_WORKER__EMBEDDED_WORKERS": "0", "DICOM_NODE_STABLE_SECONDS": "3600"},
     )  # ports chosen, not started
-    workdir = tmp_path / "orthanc"
-    workdir.mkdir()
-    script = SCRIPT.read_text()
-    for name, value in {"RETRY_FIRST": 1, "RETRY_MAX": 2}.items():
-        script, replaced = re.subn(
-            rf"^local {name} = \d+", f"local {name} = {value}", script, flags=re.M
-        )
-        assert replaced == 1, name
-    (workdir / "autoroute.lua").write_text(script)
-    extra = {k: v for k, v in shipped_config().items() if k not in MACHINE_SPECIFIC}
-    extra["DicomModalities"]["ainode"]["Port"] = node.dicom_port
-    extra["StableAge"] = STABLE_AGE
-    extra["SaveJobs"] = False
-    orthanc = Orthanc(workdir, extra=extra).start()
+    orthanc = script_orthanc(tmp_path / "orthanc", node, "lua", RETRY_FIRST=1, RETRY_MAX=2).start()
     try:
         studies = []
         for name in ("a", "b", "c"):
@@ -245,7 +299,7 @@ def test_studies_routed_while_the_node_is_down_reach_it_after_an_orthanc_restart
         orthanc.upload(late)  # ordinary traffic: its stable event flushes the queue
         for study in studies:
             wait_until(
-                lambda study=study: len(node_instances(node, study)) == 3,
+                partial(instance_count_is, node, study, 3),
                 60,
                 message="study at the node",
             )
@@ -264,3 +318,81 @@ def pending_studies(orthanc: Orthanc) -> list[str]:
         for study in orthanc.get("/studies").json()
         if "AiNodePending" in orthanc.get(f"/studies/{study}/metadata").json()
     ]
+
+
+def test_python_plugin_retries_on_its_timer_after_an_orthanc_restart(tmp_path: Path) -> None:
+    """Node down -> studies stored -> Orthanc restarted (node still down) -> node started ->
+    every study reaches the node with nothing else happening in Orthanc: the Python plugin's own
+    thread retries the PENDING queue on time, on Orthanc 1.10 as well. The node's results, when
+    they come back into a study, are not routed back to it."""
+    node = NodeProcess(
+        tmp_path / "node",
+        env={"DICOM_NODE_WORKER__EMBEDDED_WORKERS": "0", "DICOM_NODE_STABLE_SECONDS": "3600"},
+    )  # ports chosen, not started
+    orthanc = script_orthanc(
+        tmp_path / "orthanc", node, "python", RETRY_FIRST=1, RETRY_MAX=2, TICK=1
+    ).start()
+    try:
+        studies = []
+        for name in ("a", "b", "c"):
+            ct = ct_series(tmp_path / f"ct-{name}", slices=3)
+            studies.append(str(pydicom.dcmread(ct[0]).StudyInstanceUID))
+            orthanc.upload(ct)
+        wait_until(
+            lambda: (
+                len(pending_studies(orthanc)) == 3
+                and sum(j["State"] == "Failure" for j in store_jobs(orthanc)) >= 3
+            ),
+            60,
+            message="three studies pending after failed store jobs",
+        )
+        orthanc.stop()
+        orthanc.start()  # same database, same ports: the queue comes back from the metadata
+        assert len(pending_studies(orthanc)) == 3
+        wait_until(
+            lambda: sum(j["State"] == "Failure" for j in store_jobs(orthanc)) >= 3,
+            30,
+            message="retries after the restart (node still down)",
+        )
+        studies_in_orthanc = sorted(orthanc.get("/studies").json())
+
+        node.start()  # and nothing else: no new study, no REST call that changes anything
+        for study in studies:
+            wait_until(
+                partial(instance_count_is, node, study, 3),
+                30,
+                message="study at the node, retried on the plugin's timer",
+            )
+        wait_until(lambda: not pending_studies(orthanc), 30, message="queue empty")
+        assert sorted(orthanc.get("/studies").json()) == studies_in_orthanc
+        assert all(list(routed_count(orthanc, s).values()) == ["3"] for s in studies)
+        log = (orthanc.workdir / "orthanc.log").read_text(errors="replace")
+        assert "not yet accepted" in log and CANARY_NAME not in log  # Orthanc IDs only
+
+        # The node's results come back into the first study: a SEG, an SR and an "AI:" image
+        # series that passes the CT filter but is the node's own. None of it goes to the node.
+        jobs_before_results = {j["ID"] for j in store_jobs(orthanc)}
+        seg, sr = result_objects(tmp_path / "results", study_uid=studies[0])
+        ai_images = ct_series(
+            tmp_path / "ai-images", slices=2, study_uid=studies[0], description="AI: heatmap"
+        )
+        orthanc.upload([seg, sr, *ai_images])
+        # A different CT study afterwards: once it has arrived, the earlier stable event was
+        # handled (the plugin's thread takes stable studies in order).
+        control = ct_series(tmp_path / "ct-control", slices=3)
+        control_uid = str(pydicom.dcmread(control[0]).StudyInstanceUID)
+        orthanc.upload(control)
+        wait_until(lambda: len(node_instances(node, control_uid)) == 3, 60, message="control study")
+        wait_until(lambda: len(routed_count(orthanc, control_uid)) == 1, 30, message="marked")
+        result_series = {str(pydicom.dcmread(p).SeriesInstanceUID) for p in (seg, sr, ai_images[0])}
+        at_node = node_instances(node, studies[0])
+        assert len(at_node) == 3, orthanc_log(orthanc)
+        assert not result_series & {series for _, series in at_node}, (
+            "the node's own output was routed back to it"
+        )
+        new_jobs = [j for j in store_jobs(orthanc) if j["ID"] not in jobs_before_results]
+        assert len(new_jobs) == 1 and new_jobs[0]["State"] == "Success"  # the control study's
+        assert not pending_studies(orthanc)
+    finally:
+        node.stop()
+        orthanc.stop()

@@ -1,5 +1,10 @@
 -- Automatic routing from Orthanc to the dicom-node AI node (Orthanc 1.10 or later, built-in Lua).
 --
+-- Prefer orthanc/autoroute.py (Orthanc's Python plugin, Debian package orthanc-python) where the
+-- plugin is available: the same rules and metadata names, and it retries on a timer on any
+-- Orthanc from 1.10. This Lua script retries on a timer only from Orthanc 1.11.1 (OnHeartBeat);
+-- on 1.10 its retries wait for the next event (a study becoming stable, a restart).
+--
 -- When a study becomes stable (no new instance for "StableAge" seconds), the series that match
 -- the filter below are sent to the node, registered in "DicomModalities" under TARGET. The node
 -- writes its results (SR, SEG) back into the same study; that makes the study stable again, and

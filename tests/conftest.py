@@ -53,6 +53,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     report.longrepr = f"CI=true: a missing prerequisite fails instead of skipping ({reason})"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """The same for a whole module skipped while it is collected (``pytest.importorskip`` at
+    module level, e.g. the ``monai`` extra for tests/test_bundles.py)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if not (IN_CI and report.skipped):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if any(allowed in reason for allowed in CI_ALLOWED_SKIPS):
+        return
+    report.outcome = "failed"
+    report.longrepr = f"CI=true: a missing prerequisite fails instead of skipping ({reason})"
+
+
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never inherit the developer's DICOM_NODE_* settings."""

@@ -28,7 +28,13 @@ from tests.bundles import BLOB_CENTRE, BLOB_RADIUS, PIXDIM, make_bundle, phantom
 from tests.peers import Orthanc, RedisServer
 from tests.pipeline_env import NodeEnv
 
-pytest.importorskip("monai", reason="the monai extra is not installed (pip install 'dicom-node[monai]')")
+
+@pytest.fixture(scope="module", autouse=True)
+def _monai() -> None:
+    """Each test needs the ``monai`` extra: without it the test is skipped (a failure under
+    CI=true, tests/conftest.py), not the whole module at collection."""
+    pytest.importorskip("monai", reason="the monai extra is not installed (pip install 'dicom-node[monai]')")
+
 
 pytestmark = [
     # Model Zoo bundles ship TorchScript (model.ts), which torch 2.13 calls deprecated.

@@ -53,6 +53,9 @@ AUDIT_READ = "audit-read"
 RETENTION_SWEEP = "retention-sweep"
 """A retention sweep removed files or met disk pressure (:mod:`dicom_node.retention`): counts
 and bytes only, never a study."""
+STUDY_RERUN = "study-rerun"
+"""A completed study routed again with no new instance, for a model version or a rule its jobs
+did not run (:func:`dicom_node.completion.rerun_study`): the reason and the number of jobs."""
 BACKFILL_RUN = "backfill-run"
 """One backfill (``dicom-node backfill`` or a ``[[pull]]`` schedule, :mod:`dicom_node.backfill`):
 the source (no credentials), the date window and counts only, never a study."""

@@ -3,7 +3,8 @@
 The scenario of issue 16: studies reached the PACS while the node was down (or the PACS's
 auto-route gave up), and nothing sent them on. The node, back, pulls them from the PACS
 (QIDO-RS + WADO-RS, or C-FIND + C-MOVE), they complete and route as if sent, and a second
-run finds nothing left to do.
+run finds nothing left to do. Once the workers run a new model version, the studies done by the
+old one are re-run from the node's copy, and their new results supersede the old.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
+from dicom_node.jobs import result_lineage
 from dicom_node.state import AuditEvent, Instance, JobState, Study
+from dicom_node.state.model_versions import current_versions
 from tests.dicomgen import CANARY_NAME, ct_series
 from tests.peers import NodeProcess, Orthanc, free_port, wait_until
 from tests.pipeline_env import DEFAULT_CONFIG, NodeEnv
 
 pytestmark = pytest.mark.slow
+
+NOTHING_TO_DO = {"pull": 0, "done": 3, "in-progress": 0, "rerun": 0, "stale": 0}
 
 STUDY_DATE = date(2026, 11, 29)  # what tests/dicomgen.py writes
 SINCE = (STUDY_DATE - timedelta(days=1)).isoformat()
@@ -118,7 +123,7 @@ def test_backfill_pulls_what_the_node_missed_and_a_second_run_skips_it(
         # ... and the next run finds nothing to do, those results included.
         rc, second, text = backfill(node, "--from", "pacs")
         assert rc == 0, text
-        assert second["by_action"] == {"pull": 0, "done": 3, "in-progress": 0, "stale": 0}, text
+        assert second["by_action"] == NOTHING_TO_DO, text
         assert second["pulled"] == 0
         assert len(env.jobs()) == 3 and node_instances(env) == 15
 
@@ -131,23 +136,58 @@ def test_backfill_pulls_what_the_node_missed_and_a_second_run_skips_it(
         assert len(runs) == 5 and all(r.actor == "cli" for r in runs)
         assert not any(uid in json.dumps(r.detail) for r in runs for uid in made)
 
-        # A new model version: once the workers run it, the studies done by the old one are
-        # "stale" (listed, not pulled: the same input set makes no new job).
+        # A new model version: once the workers run it (they publish it when they start),
+        # the CT studies done by the old one are re-run from the node's copy, nothing pulled,
+        # and their new results supersede the old ones in the PACS.
+        old_jobs = {j.study_id: j for j in jobs if j.state == JobState.DONE.value}
         env.node.stop()
         env.config.write_text(
             env.config.read_text().replace("seconds = 0.0", 'seconds = 0.0\nversion = "2.0.0"')
         )
         env.node.start()
-        newer = ct_series(tmp_path / "ct3", slices=5)
-        pacs.upload(newer)
-        rc, third, text = backfill(node, "--from", "pacs")
-        assert rc == 0 and third["pulled"] == 1, text
-        wait_until(lambda: len(env.jobs()) == 4 and env.wait_all_terminal(4), 60, message="job")
-        rc, fourth, text = backfill(node, "--from", "pacs", "--dry-run")
-        assert rc == 0, text
-        assert fourth["by_action"] == {"pull": 0, "done": 2, "in-progress": 0, "stale": 2}, text
-        stale = {s["study_instance_uid"] for s in fourth["studies"] if s["action"] == "stale"}
-        assert stale == {uid for uid, m in made.items() if m == "CT"}
+        wait_until(
+            lambda: current_versions(env.db).get("test-slow") == "2.0.0",
+            60,
+            message="the worker publishes test-slow 2.0.0",
+        )
+        rc, listed, text = backfill(node, "--from", "pacs", "--dry-run", "--no-rerun")
+        assert rc == 0 and listed["by_action"] == {**NOTHING_TO_DO, "done": 1, "stale": 2}, text
+        rc, dry, text = backfill(node, "--from", "pacs", "--dry-run")
+        assert rc == 0 and dry["by_action"] == {**NOTHING_TO_DO, "done": 1, "rerun": 2}, text
+        assert {s["study_instance_uid"] for s in dry["studies"] if s["action"] == "rerun"} == {
+            uid for uid, m in made.items() if m == "CT"
+        }
+        assert len(env.jobs()) == 3  # a dry run re-runs nothing
+        rc, third, text = backfill(node, "--from", "pacs", "--limit", "1")  # re-runs count
+        assert rc == 0 and third["rerun"] == 1 and third["deferred"] == 1, text
+        assert third["pulled"] == 0 and third["rerun_jobs"] == 1, text
+        rc, fourth, text = backfill(node, "--from", "pacs")
+        assert rc == 0 and fourth["rerun"] == 1 and fourth["pulled"] == 0, text
+        # the MR study, and the first re-run's study (done, or its job still running)
+        assert fourth["by_action"]["in-progress"] + fourth["by_action"]["done"] == 2, text
+
+        jobs = env.wait_all_terminal(5)
+        reruns = [j for j in jobs if j.generation == 1]
+        assert len(reruns) == 2, env.diagnostics()
+        for job in reruns:
+            old = old_jobs[job.study_id]
+            assert (job.state, job.model_version) == (JobState.DONE.value, "2.0.0")
+            assert (job.supersedes_id, job.input_hash) == (old.id, old.input_hash)
+            assert result_lineage(env.db, job.id).superseded_job_id == old.id
+        assert node_instances(env) == 15  # nothing pulled again
+        # The new SR + SEG and an IOCM rejection note withdrawing the old ones (supersede =
+        # "kos", the default) in each CT study.
+        wait_until(
+            lambda: all(
+                len(pacs.instances_in_study(uid)) == 10 for uid, m in made.items() if m == "CT"
+            ),
+            60,
+            message="new results and rejection notes in the PACS",
+        )
+        rc, last, text = backfill(node, "--from", "pacs", "--dry-run")
+        assert rc == 0 and last["by_action"] == {**NOTHING_TO_DO, "done": 3}, text
+        plain = node.run("backfill", "--from", "pacs", "--since", SINCE, "--dry-run")
+        assert "to re-run 0, already done 3" in plain.stdout, plain.stdout
     finally:
         env.stop()
 

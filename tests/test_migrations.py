@@ -79,11 +79,17 @@ def _rows(url: str, *, added: bool = True) -> dict[str, list[tuple[Any, ...]]]:
 
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
     "studies": ("accession_number_hmac", "patient_id_hmac"),  # 0003: lookup keys
-    "jobs": ("priority",),  # 0004: routing priority
+    "jobs": ("priority", "generation"),  # 0004: routing priority; 0006: re-runs
     "instances": ("purged_at",),  # 0005: retention
     "outputs": ("purged_at",),  # 0005: retention
 }
-"""Columns revisions after the baseline added to 0.1.0's tables (nullable: NULL on old rows)."""
+"""Columns revisions after the baseline added to 0.1.0's tables (NULL on old rows, unless
+:data:`ADDED_DEFAULTS` gives their value)."""
+
+ADDED_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("jobs", "generation"): 0,  # 0006: NOT NULL, server default 0
+}
+"""Added columns that are NOT NULL: the value every old row gets."""
 
 
 def _schema(url: str, *, skip: frozenset[str] = frozenset({VERSION_TABLE})) -> dict[str, Any]:
@@ -186,6 +192,10 @@ def test_release_database_upgrades_with_data_intact(release_db: str) -> None:
         with db.engine.connect() as conn:
             for table, columns in ADDED_COLUMNS.items():
                 for column in columns:
+                    if (table, column) in ADDED_DEFAULTS:
+                        found = conn.execute(sa.text(f"SELECT DISTINCT {column} FROM {table}"))
+                        assert found.scalars().all() == [ADDED_DEFAULTS[(table, column)]]
+                        continue
                     assert conn.execute(
                         sa.text(f"SELECT count(*) FROM {table} WHERE {column} IS NOT NULL")
                     ).scalar_one() == 0

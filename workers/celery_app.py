@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from dicom_node.broker import DELIVER_TASK, RUN_JOB_TASK, make_celery
 from dicom_node.settings import Settings
@@ -56,3 +58,24 @@ def create_worker_app(
 def _after_fork(**_: Any) -> None:
     with contextlib.suppress(RuntimeError):  # not started through `dicom-node worker`
         get_runtime().after_fork()
+
+
+@worker_ready.connect
+def _publish_models(**_: Any) -> None:
+    """Record what this worker runs (``model_versions``), from a spawned process: loading the
+    models here, in the process Celery forks its pool from, could initialise CUDA before a
+    fork (``workers/models/registry.py``, ``publish_available``)."""
+    try:
+        runtime = get_runtime()
+    except RuntimeError:  # not started through `dicom-node worker`
+        return
+    from workers.models.registry import publish_available
+
+    proc = multiprocessing.get_context("spawn").Process(
+        target=publish_available,
+        args=(runtime.settings, runtime.name),
+        name="publish-models",
+        daemon=True,
+    )
+    proc.start()
+    threading.Thread(target=proc.join, name="publish-models-join", daemon=True).start()

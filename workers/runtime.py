@@ -57,7 +57,19 @@ class WorkerRuntime:
         with self._lock:
             if name not in self._detectors:
                 self._detectors[name] = resolve_detector(name, self.settings)
+                self._publish(name, self._detectors[name])
             return self._detectors[name]
+
+    def _publish(self, name: str, detector: Any) -> None:
+        """Record the loaded model's identity (``model_versions``: what the edge reads as the
+        version the workers run now). A failure is logged: the job runs regardless."""
+        from dicom_node.state.model_versions import publish
+
+        try:
+            info = detector.info
+            publish(self.db, self.name, name, info.version, info.weights_sha256)
+        except Exception as exc:
+            LOGGER.warning("could not publish model %s: %s", name, type(exc).__name__)
 
 
 def resolve_detector(name: str, settings: Settings) -> Any:

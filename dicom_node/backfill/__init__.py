@@ -5,7 +5,9 @@
 * :mod:`~dicom_node.backfill.query` finds the studies of a Study Date window: QIDO-RS (PS3.18
   10.6) or C-FIND, Study Root (PS3.4 C.6.2);
 * :mod:`~dicom_node.backfill.plan` decides, per study, whether the node already has it and
-  processed it with the current model version, is still working on it, or must pull it;
+  processed it with the model versions the workers run now, is still working on it, must
+  re-run it (:func:`dicom_node.completion.rerun_study`: a new model version, or a rule added
+  since) or must pull it;
 * :mod:`~dicom_node.backfill.retrieve` pulls: WADO-RS (PS3.18 10.4) into
   :class:`~dicom_node.ingest.Ingestor`, the path C-STORE and STOW-RS take, or C-MOVE to the
   node's own AE title (PS3.4 C.4.2), which the node's C-STORE receiver takes;

@@ -1,16 +1,18 @@
 """What to do with each study found at the source.
 
-A study is pulled unless the node can show it already did the work:
+A study is pulled unless the node can show it already has it:
 
 * **done**: every instance the source holds is in the node's index (or is one of the node's
-  own results written back there), and the jobs of the study's last version are all terminal,
-  each run with the model version this node's workers run now (the newest version recorded for
-  that model);
+  own results written back there), its jobs are all terminal, and for every rule and model
+  routing picks for its input set there is a job, whose newest generation ran the model version
+  the workers run now (:func:`dicom_node.state.model_versions.current_versions`);
 * **in-progress**: all its instances are here but it is not finished (waiting for its quiet
   period, or jobs queued or running);
-* **stale**: done, but by an older version of a model than the one running now. Pulling the
-  same instances again would not run it again (a job is unique per input set, rule and
-  model), so it is reported, not pulled;
+* **rerun**: all its instances are here and finished, but processed by another version of a
+  model than the workers run now, or not at all by a rule or model added since: it is routed
+  again as it is (:func:`dicom_node.completion.rerun_study`), nothing is pulled (pulling the
+  same instances again would change nothing: an identical instance is a duplicate);
+* **stale**: what would be a re-run when re-runs are turned off (``--no-rerun``): listed only;
 * **pull**: anything else (unknown to the node, or instances missing).
 
 The cheap test runs first: a study the index does not know is pulled without asking the source
@@ -26,14 +28,17 @@ from enum import Enum
 from sqlalchemy import func, select
 
 from dicom_node.backfill.query import RemoteStudy
-from dicom_node.completion import NO_RULE
+from dicom_node.completion import reruns_due
+from dicom_node.settings import Settings
 from dicom_node.state import Database, Instance, Job, JobState, Output, Study
+from dicom_node.state.model_versions import current_versions
 
 
 class Action(str, Enum):
     PULL = "pull"
     DONE = "done"
     IN_PROGRESS = "in-progress"
+    RERUN = "rerun"
     STALE = "stale"
 
 
@@ -43,38 +48,32 @@ class PlannedStudy:
     action: Action
     reason: str
     """Patient-free, e.g. "not at the node" or "3 instances missing"."""
+    study_id: int | None = None
+    """The node's id of the study (``None`` when the node does not know it)."""
 
 
 def plan_studies(
     db: Database,
     studies: list[RemoteStudy],
     remote_instances: Callable[[str], set[str]],
+    settings: Settings,
+    *,
+    rerun: bool = True,
 ) -> list[PlannedStudy]:
     """Classify ``studies``; ``remote_instances(study_uid)`` lists one study's SOP Instance UIDs
-    at the source (asked only for studies the node already knows)."""
-    current = current_model_versions(db)
-    planned = []
-    for remote in studies:
-        planned.append(_plan_one(db, remote, remote_instances, current))
-    return planned
-
-
-def current_model_versions(db: Database) -> dict[str, str]:
-    """Model -> the version of its most recently finished job: what the workers run now."""
-    with db.session() as s:
-        rows = s.execute(
-            select(Job.model, Job.model_version, Job.finished_at)
-            .where(Job.model_version.is_not(None), Job.finished_at.is_not(None))
-            .order_by(Job.finished_at)
-        ).all()
-    return {model: version for model, version, _ in rows if version is not None}
+    at the source (asked only for studies the node already knows). ``settings``: the routing
+    rules a study is checked against; ``rerun=False`` lists as stale what would be re-run."""
+    current = current_versions(db)
+    return [_plan_one(db, settings, remote, remote_instances, current, rerun) for remote in studies]
 
 
 def _plan_one(
     db: Database,
+    settings: Settings,
     remote: RemoteStudy,
     remote_instances: Callable[[str], set[str]],
     current: dict[str, str],
+    rerun: bool,
 ) -> PlannedStudy:
     uid = remote.study_instance_uid
     with db.session() as s:
@@ -90,33 +89,24 @@ def _plan_one(
     else:
         missing = len(_missing(db, study_id, remote_instances(uid)))
     if missing:
-        return PlannedStudy(remote, Action.PULL, f"{missing} instance(s) not at the node")
+        return PlannedStudy(remote, Action.PULL, f"{missing} instance(s) not at the node", study_id)
     if dirty:
-        return PlannedStudy(remote, Action.IN_PROGRESS, "waiting for its quiet period")
+        return PlannedStudy(remote, Action.IN_PROGRESS, "waiting for its quiet period", study_id)
     with db.session() as s:
-        jobs = s.execute(
-            select(Job.model, Job.model_version, Job.state).where(
-                Job.study_id == study_id, Job.study_version == version
+        states = set(
+            s.scalars(
+                select(Job.state).where(Job.study_id == study_id, Job.study_version == version)
             )
-        ).all()
-    if not jobs:
-        return PlannedStudy(remote, Action.IN_PROGRESS, "not yet completed")
-    if any(not JobState(state).terminal for _, _, state in jobs):
-        return PlannedStudy(remote, Action.IN_PROGRESS, "jobs not finished")
-    older = sorted(
-        {
-            f"{model} {found}"
-            for model, found, state in jobs
-            if model != NO_RULE
-            and state == JobState.DONE.value
-            and found is not None
-            and current.get(model, found) != found
-        }
-    )
-    if older:
-        return PlannedStudy(remote, Action.STALE, "processed by " + ", ".join(older))
-    states = sorted({state for _, _, state in jobs})
-    return PlannedStudy(remote, Action.DONE, "jobs " + ", ".join(states))
+        )
+    if not states:
+        return PlannedStudy(remote, Action.IN_PROGRESS, "not yet completed", study_id)
+    if any(not JobState(state).terminal for state in states):
+        return PlannedStudy(remote, Action.IN_PROGRESS, "jobs not finished", study_id)
+    due = reruns_due(db, settings, study_id, current)
+    if due:
+        action = Action.RERUN if rerun else Action.STALE
+        return PlannedStudy(remote, action, "; ".join(r.describe() for r in due), study_id)
+    return PlannedStudy(remote, Action.DONE, "jobs " + ", ".join(sorted(states)), study_id)
 
 
 def _missing(db: Database, study_id: int, remote: set[str]) -> set[str]:

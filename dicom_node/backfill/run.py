@@ -18,9 +18,11 @@ from dicom_node.backfill.plan import Action, PlannedStudy, plan_studies
 from dicom_node.backfill.query import DateWindow, SourceUnreachable, find_studies, remote_instances
 from dicom_node.backfill.retrieve import Pulled, pull_cmove, pull_wado
 from dicom_node.backfill.source import describe, resolve_source
+from dicom_node.completion import rerun_study
 from dicom_node.delivery.destinations import StowDestination
 from dicom_node.settings import Settings
 from dicom_node.state import Database
+from dicom_node.state.model_versions import current_versions
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class BackfillReport:
     pulled: dict[str, Pulled] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     """Study Instance UID -> why its pull failed (patient-free)."""
+    reran: dict[str, list[str]] = field(default_factory=dict)
+    """Study Instance UID -> the ids of the jobs its re-run created."""
     unreachable: str | None = None
     """Set when the source stopped answering during the pulls (the rest were not tried)."""
     seconds: float = 0.0
@@ -50,13 +54,24 @@ class BackfillReport:
         return counts
 
     @property
+    def to_do(self) -> list[PlannedStudy]:
+        """The studies this run pulls or re-runs: the first ``limit`` of them, in the order
+        the source listed them."""
+        return [p for p in self.planned if p.action in (Action.PULL, Action.RERUN)][: self.limit]
+
+    @property
     def to_pull(self) -> list[PlannedStudy]:
-        return [p for p in self.planned if p.action is Action.PULL][: self.limit]
+        return [p for p in self.to_do if p.action is Action.PULL]
+
+    @property
+    def to_rerun(self) -> list[PlannedStudy]:
+        return [p for p in self.to_do if p.action is Action.RERUN]
 
     @property
     def deferred(self) -> int:
-        """Studies to pull beyond the per-run limit (left for the next run)."""
-        return max(0, self.by_action()[Action.PULL.value] - self.limit)
+        """Studies to pull or re-run beyond the per-run limit (left for the next run)."""
+        counts = self.by_action()
+        return max(0, counts[Action.PULL.value] + counts[Action.RERUN.value] - self.limit)
 
     @property
     def instances(self) -> int:
@@ -80,6 +95,8 @@ class BackfillReport:
             "pulled": len([uid for uid, p in self.pulled.items() if uid not in self.failed]),
             "instances": self.instances,
             "failed": len(self.failed),
+            "rerun": len(self.reran),
+            "rerun_jobs": sum(len(jobs) for jobs in self.reran.values()),
             "unreachable": self.unreachable,
             "seconds": round(self.seconds, 3),
             "studies": [
@@ -92,6 +109,11 @@ class BackfillReport:
                     **(
                         {"instances": self.pulled[p.remote.study_instance_uid].received}
                         if p.remote.study_instance_uid in self.pulled
+                        else {}
+                    ),
+                    **(
+                        {"jobs": self.reran[p.remote.study_instance_uid]}
+                        if p.remote.study_instance_uid in self.reran
                         else {}
                     ),
                     **(
@@ -114,11 +136,14 @@ def run_backfill(
     modality: str | None = None,
     limit: int = 500,
     dry_run: bool = False,
+    rerun: bool = True,
     actor: str = "cli",
     stop: Callable[[], bool] | None = None,
 ) -> BackfillReport:
-    """Find the studies of ``window`` at ``source``, and pull (unless ``dry_run``) at most
-    ``limit`` of those the node has not processed. Raises :class:`ConfigError` for a bad
+    """Find the studies of ``window`` at ``source``, and pull (unless ``dry_run``) those the
+    node has not got, and re-run those it processed with another model version than the
+    workers run now or without a rule added since (unless ``rerun`` is false: then listed as
+    stale only): at most ``limit`` pulls and re-runs together. Raises :class:`ConfigError` for a bad
     source and :class:`SourceUnreachable` when the query cannot be made; a source lost
     during the pulls is reported (``unreachable``). ``stop()`` returning true ends the pulls
     between two studies (the node shutting down)."""
@@ -127,24 +152,47 @@ def run_backfill(
     report = BackfillReport(describe(peer), window, modality, dry_run, limit)
     try:
         studies = find_studies(peer, window, modality)
-        report.planned = plan_studies(db, studies, lambda uid: remote_instances(peer, uid))
+        report.planned = plan_studies(
+            db, studies, lambda uid: remote_instances(peer, uid), settings, rerun=rerun
+        )
     except SourceUnreachable as exc:
         _audit(db, report, actor, outcome="failure", error=str(exc))
         raise
     if not dry_run:
+        _rerun(settings, db, report, actor)
         _pull(settings, db, peer, report, stop or (lambda: False))
     report.seconds = time.monotonic() - started
     _audit(db, report, actor, outcome="success" if report.ok else "failure")
     LOGGER.info(
-        "backfill from %s: %d studies found, %d pulled (%d instances), %d failed, %d deferred",
+        "backfill from %s: %d studies found, %d pulled (%d instances), %d re-run, %d failed, "
+        "%d deferred",
         report.source,
         len(report.planned),
         len(report.pulled) - len(report.failed),
+        len(report.reran),
         report.instances,
         len(report.failed),
         report.deferred,
     )
     return report
+
+
+def _rerun(settings: Settings, db: Database, report: BackfillReport, actor: str) -> None:
+    """Route again the studies the node holds but did not process with what runs now (their
+    jobs go out through the outbox, as a completed study's)."""
+    current = current_versions(db)
+    for planned in report.to_rerun:
+        if planned.study_id is None:
+            continue
+        created = rerun_study(
+            db,
+            settings,
+            planned.study_id,
+            reason=f"backfill from {report.source}",
+            actor=actor,
+            current=current,
+        )
+        report.reran[planned.remote.study_instance_uid] = created
 
 
 def _pull(
@@ -201,5 +249,7 @@ def _audit(db: Database, report: BackfillReport, actor: str, *, outcome: str, **
         done=counts[Action.DONE.value],
         in_progress=counts[Action.IN_PROGRESS.value],
         stale=counts[Action.STALE.value],
+        to_rerun=counts[Action.RERUN.value],
+        rerun=len(report.reran),
         **extra,
     )

@@ -72,12 +72,19 @@ def register(app: typer.Typer) -> None:
                 "--limit",
                 min=1,
                 max=100_000,
-                help="Pull at most this many studies; run again for the rest.",
+                help="Pull or re-run at most this many studies; run again for the rest.",
             ),
         ] = 500,
         dry_run: Annotated[
             bool,
-            typer.Option("--dry-run", help="List what would be pulled; pull nothing."),
+            typer.Option("--dry-run", help="List what would be pulled or re-run; change nothing."),
+        ] = False,
+        no_rerun: Annotated[
+            bool,
+            typer.Option(
+                "--no-rerun",
+                help="Do not re-run studies the node already holds; list them as stale.",
+            ),
         ] = False,
         json_output: Annotated[
             bool, typer.Option("--json", help="One JSON object: counts and one entry per study.")
@@ -90,14 +97,17 @@ def register(app: typer.Typer) -> None:
         Each study found is looked up in the node's state database first. It is skipped when
         every instance is already here (or is one of the node's own results) and its jobs
         have finished with the model version the workers run now; skipped too while it is
-        still being processed. A study processed by an older model version is reported as
-        "stale" and not pulled. Everything else is pulled (at most --limit studies) through
-        the same ingest as C-STORE and STOW-RS, and completes and routes as if it had been
-        sent; a second run skips what the first one brought.
+        still being processed. A study the node holds but processed with another model
+        version than the workers run now (as they publish it when they start), or that a
+        rule or model added since routes to, is re-run from the node's copy, not pulled: new
+        jobs whose results supersede the older ones in the PACS (--no-rerun: listed as
+        "stale" only). Everything else is pulled through the same ingest as C-STORE and
+        STOW-RS, and completes and routes as if it had been sent; at most --limit studies
+        are pulled or re-run per run, and a second run skips what the first one did.
 
-        The running node (dicom-node serve) picks the pulled studies up; with C-MOVE it is
-        the node's C-STORE receiver that takes them, so the PACS must know this node's AE
-        title, host and port.
+        The running node (dicom-node serve) picks the pulled studies and the re-run jobs
+        up; with C-MOVE it is the node's C-STORE receiver that takes the studies, so the
+        PACS must know this node's AE title, host and port.
 
         Prints counts and Study Instance UIDs only (no patient data). Exit code 0 when
         everything to pull came, 1 when a study failed, 2 for a usage or configuration error,
@@ -125,6 +135,7 @@ def register(app: typer.Typer) -> None:
                 modality=wanted,
                 limit=limit,
                 dry_run=dry_run,
+                rerun=not no_rerun,
                 actor="cli",
             )
         except SourceUnreachable as exc:
@@ -153,8 +164,9 @@ def _print(report: BackfillReport) -> None:
     )
     counts = report.by_action()
     typer.echo(
-        f"  to pull {counts['pull']}, already done {counts['done']}, in progress "
-        f"{counts['in-progress']}, processed by an older model version {counts['stale']}"
+        f"  to pull {counts['pull']}, to re-run {counts['rerun']}, already done "
+        f"{counts['done']}, in progress {counts['in-progress']}, stale (not re-run) "
+        f"{counts['stale']}"
     )
     if report.deferred:
         typer.echo(f"  {report.deferred} beyond --limit {report.limit}: run again for them")
@@ -172,6 +184,12 @@ def _print(report: BackfillReport) -> None:
             typer.echo(f"{line}  {report.pulled[uid].received} instance(s)")
         else:
             typer.echo(f"{line}  would pull ({p.reason})")
+    for p in report.to_rerun:
+        uid = p.remote.study_instance_uid
+        if uid in report.reran:
+            typer.echo(f"  re-run: {uid} ({p.reason}), {len(report.reran[uid])} job(s)")
+        else:
+            typer.echo(f"  would re-run: {uid} ({p.reason})")
     for p in report.planned:
         if p.action is Action.STALE:
             typer.echo(f"  stale: {p.remote.study_instance_uid} ({p.reason})")

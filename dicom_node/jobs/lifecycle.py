@@ -22,9 +22,16 @@ from dicom_node.state import Database, DeliveryState, Job, JobState, Outbox, Stu
 _JOB_NAMESPACE = uuid.UUID("6d1f2b1e-8f0c-4e0f-9d7a-3a7c1f4b2e11")
 
 
-def job_id_for(study_instance_uid: str, input_hash: str, rule: str, model: str) -> str:
-    """Deterministic job id: the same study input, rule and model always give the same id."""
-    return str(uuid.uuid5(_JOB_NAMESPACE, f"{study_instance_uid}|{input_hash}|{rule}|{model}"))
+def job_id_for(
+    study_instance_uid: str, input_hash: str, rule: str, model: str, generation: int = 0
+) -> str:
+    """Deterministic job id: the same study input, rule, model and generation always give the
+    same id. Generation 0 (the job completion makes) adds nothing to the name, so its ids are
+    those of the jobs made before re-runs existed."""
+    name = f"{study_instance_uid}|{input_hash}|{rule}|{model}"
+    if generation:
+        name += f"|{generation}"
+    return str(uuid.uuid5(_JOB_NAMESPACE, name))
 
 
 @dataclass(frozen=True)
@@ -44,10 +51,14 @@ class JobSpec:
     destinations: list[str] = field(default_factory=list)
     supersedes_id: str | None = None
     priority: str = "routine"
+    generation: int = 0
+    """0 when the study completed; one more for each re-run of this input set, rule and model."""
 
     @property
     def job_id(self) -> str:
-        return job_id_for(self.study_instance_uid, self.input_hash, self.rule, self.model)
+        return job_id_for(
+            self.study_instance_uid, self.input_hash, self.rule, self.model, self.generation
+        )
 
 
 def create_job(
@@ -55,7 +66,7 @@ def create_job(
 ) -> str | None:
     """Add the job of ``spec`` in the caller's transaction, with its run message in the outbox,
     or already ``skipped`` with ``skipped_reason`` (no message). ``None`` when this exact input
-    set, rule and model already has a job (an identical resend creates nothing)."""
+    set, rule, model and generation already has a job (an identical resend creates nothing)."""
     job_id = spec.job_id
     if s.get(Job, job_id) is not None:
         return None
@@ -81,6 +92,7 @@ def create_job(
             updated_at=now,
             supersedes_id=spec.supersedes_id,
             priority=spec.priority,
+            generation=spec.generation,
             timings={},
             summary={},
         )

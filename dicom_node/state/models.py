@@ -198,7 +198,8 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    """Deterministic: derived from study, input set, rule and model (see dicom_node.jobs)."""
+    """Deterministic: derived from study, input set, rule, model and generation (see
+    dicom_node.jobs)."""
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
     study_version: Mapped[int] = mapped_column(Integer)
     rule: Mapped[str] = mapped_column(String(64))
@@ -232,12 +233,18 @@ class Job(Base):
     priority: Mapped[str | None] = mapped_column(String(16), nullable=True)
     """``stat``, ``routine`` or ``research`` (the routing rule's); NULL (jobs made before
     revision 0004) counts as ``routine``."""
+    generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """0 for the job routing made when the study completed; 1, 2, ... for each re-run of the
+    same input set, rule and model (a new model version: :func:`dicom_node.completion.rerun_study`),
+    each superseding the one before."""
 
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", order_by="Delivery.id")
 
     __table_args__ = (
-        UniqueConstraint("study_id", "input_hash", "rule", "model", name="uq_job_input"),
+        UniqueConstraint(
+            "study_id", "input_hash", "rule", "model", "generation", name="uq_job_input"
+        ),
         Index("ix_jobs_state", "state"),
     )
 
@@ -317,6 +324,24 @@ class AuditEvent(Base):
     study_key: Mapped[str | None] = mapped_column(String(32), nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ModelVersion(Base):
+    """What a worker can run: one row per model and worker, written by the worker when it
+    starts and when it loads a model (``workers/celery_app.py``, ``workers/runtime.py``), read
+    by the edge to know a model's current version (:mod:`dicom_node.state.model_versions`)."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(32))
+    weights_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    worker: Mapped[str] = mapped_column(String(128))
+    """The worker's name (``--name``, default the host name): no patient data."""
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (UniqueConstraint("model", "worker", name="uq_model_version_worker"),)
 
 
 class ProbeResult(Base):

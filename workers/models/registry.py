@@ -156,3 +156,28 @@ def available_models(settings: Settings) -> dict[str, ModelInfo]:
         except ModelLoadError as exc:
             LOGGER.warning("model %s unavailable: %s", name, exc)
     return out
+
+
+def publish_available(settings: Settings, worker: str) -> dict[str, ModelInfo]:
+    """Load every model this worker can run and record each one's identity (name, version,
+    weights' SHA-256) in the state database's ``model_versions`` table, under ``worker``: how
+    the edge learns what the workers run now (:mod:`dicom_node.state.model_versions`).
+
+    Run in a process of its own when a worker starts (``workers/celery_app.py``): loading a
+    model may initialise CUDA, which the worker's main process must not do before it forks."""
+    from dicom_node.state import open_database
+    from dicom_node.state.model_versions import publish
+
+    infos = available_models(settings)
+    try:
+        db = open_database(settings.resolved_database_url)
+        try:
+            for name, info in infos.items():
+                publish(db, worker, name, info.version, info.weights_sha256)
+        finally:
+            db.dispose()
+    except Exception as exc:  # the worker runs regardless; each model it loads is published
+        LOGGER.warning("could not publish the model versions: %s", type(exc).__name__)
+        return {}
+    LOGGER.info("published %d model version(s) for worker %s", len(infos), worker)
+    return infos

@@ -17,6 +17,9 @@ Revisions, oldest first (``versions/``):
   destination, :mod:`dicom_node.delivery.probe`).
 * ``0005`` — ``instances.purged_at`` and ``outputs.purged_at``: when the retention sweep
   removed the file (:mod:`dicom_node.retention`); NULL on the rows already there.
+* ``0006`` — the ``model_versions`` table (what each worker runs,
+  :mod:`dicom_node.state.model_versions`) and ``jobs.generation`` (0 on the rows already
+  there; re-runs of one input set for a new model version), part of ``uq_job_input``.
 
 Adding a revision (the models in :mod:`dicom_node.state.models` change in the same commit):
 
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HEAD = "0005"
+HEAD = "0006"
 """The newest revision this code knows. The fast start-up check compares against it without
 loading Alembic; tests/test_migrations.py checks it equals the head of ``versions/``."""
 

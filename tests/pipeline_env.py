@@ -137,7 +137,7 @@ class NodeEnv:
 
     def assert_every_complete_study_terminal(self) -> None:
         """The no-silent-loss invariant: every completed study has jobs, all in a terminal state,
-        and each (study, version, rule, model) exactly once."""
+        and each (study, version, rule, model, re-run generation) exactly once."""
         with self.db.session() as s:
             studies = list(s.scalars(select(Study)))
             jobs = list(s.scalars(select(Job)))
@@ -146,7 +146,7 @@ class NodeEnv:
             assert not study.dirty, "a study was never completed"
             mine = [j for j in jobs if j.study_id == study.id]
             assert mine, "a completed study has no job"
-            keys = [(j.study_version, j.rule, j.model) for j in mine]
+            keys = [(j.study_version, j.rule, j.model, j.generation) for j in mine]
             assert len(keys) == len(set(keys)), "a study version got two jobs for the same rule and model"
             for j in mine:
                 assert JobState(j.state).terminal, f"job {j.id} is stuck in {j.state}"

@@ -184,6 +184,11 @@ def test_backfill_pulls_what_the_node_missed_and_a_second_run_skips_it(
             60,
             message="new results and rejection notes in the PACS",
         )
+        env.assert_every_complete_study_terminal()  # one job per (version, rule, model, re-run)
+        models = {m["name"]: m for m in json.loads(node.run("models", "--json").stdout)}
+        assert {w["version"] for w in models["test-slow"]["workers"]} == {"2.0.0"}, models
+        shown = json.loads(node.run("jobs", "--json").stdout)
+        assert sorted(j["rerun"] for j in shown) == [0, 0, 0, 1, 1], shown
         rc, last, text = backfill(node, "--from", "pacs", "--dry-run")
         assert rc == 0 and last["by_action"] == {**NOTHING_TO_DO, "done": 3}, text
         plain = node.run("backfill", "--from", "pacs", "--since", SINCE, "--dry-run")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -120,9 +121,10 @@ def test_models_command_lists_bundles_with_licence_and_input(bundles: dict[str, 
         f'[models.nodules]\nbundle = "{bundles["retinanet"]}"\n[models.nodules.labels.0]\n'
         f'code = "27925004"\nmeaning = "Nodule"\n[models.organ]\npath = "{bundles["unet"]}"\n'
     )
+    env = {**os.environ, "DICOM_NODE_DATA_DIR": str(tmp_path / "var")}  # its state database
     run = subprocess.run(
         [sys.executable, "-m", "dicom_node", "--config", str(config), "models", "--json"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=env,
     )
     assert run.returncode == 0, run.stderr
     views = {v["name"]: v for v in json.loads(run.stdout)}
@@ -133,7 +135,7 @@ def test_models_command_lists_bundles_with_licence_and_input(bundles: dict[str, 
     assert "lung-nodules" in views  # the built-in entry point
     text = subprocess.run(
         [sys.executable, "-m", "dicom_node", "--config", str(config), "models"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=env,
     )
     assert "licence: Apache-2.0" in text.stdout and "intended use: Testing only" in text.stdout
     settings = Settings(models={"x": ModelSettings(bundle=tmp_path / "missing")})

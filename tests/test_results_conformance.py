@@ -84,7 +84,7 @@ def test_uids_are_valid_and_distinct(ct, findings) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    ["model version", "weights", "model name", "input set", "segmentation type"],
+    ["model version", "weights", "model name", "input set", "segmentation type", "re-run generation"],
 )
 def test_anything_that_changes_the_content_changes_the_uids(ct, findings, change: str) -> None:
     base_job = job_for(ct)
@@ -98,6 +98,10 @@ def test_anything_that_changes_the_content_changes_the_uids(ct, findings, change
         job = job_for(ct, model_info(name="lung-nodules-large"))
     elif change == "input set":
         job = job_for(ct, input_hash="0" * 64)
+    elif change == "re-run generation":
+        # A re-run of the same input set (e.g. back to an earlier model version) never reuses
+        # the UIDs that an earlier rejection note withdrew.
+        job = job_for(ct, generation=1)
     else:
         job, options = base_job, {"segmentation_type": "FRACTIONAL"}
     other = _all(ct, findings, job, **options)

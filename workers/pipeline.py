@@ -118,7 +118,7 @@ class JobRunner:
                 model_name, series_uids = job.model, list(job.series_uids or [])
                 destinations = list(job.destinations or [])
                 study_uid, study_id, input_hash = study.study_instance_uid, study.id, job.input_hash
-                created_at = job.created_at
+                created_at, generation = job.created_at, job.generation
 
             detector = self.rt.detector(model_name)
             info = detector.info
@@ -167,6 +167,7 @@ class JobRunner:
                     ae_title=self.settings.ae_title,
                     result_version=lineage.version,
                     superseded=lineage.superseded,
+                    generation=generation,
                 )
                 # What the job's destinations ask for beyond SR and SEG (``outputs``); each
                 # destination is later sent only its own selection.

@@ -48,6 +48,7 @@ def job_view(job: Job, study: Study, *, detail: bool = False) -> dict[str, Any]:
         "updated_at": _iso(job.updated_at),
         "timings": job.timings or {},
         "supersedes": job.supersedes_id,
+        "rerun": job.generation,  # 0: the first run of this input set; n: its n-th re-run
         "findings": (job.summary or {}).get("finding_count"),
     }
     if detail:

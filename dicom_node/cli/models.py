@@ -18,12 +18,17 @@ def register(app: typer.Typer) -> None:
         """List the models this node can run: ``[models.*]`` (MONAI bundles, model folders,
         plug-ins), the models routing rules name, and installed entry points. For each: its
         source, version, licence and intended use (from a bundle's metadata or a model card),
-        what input it accepts, and its queue and device. Exit code 1 when a configured model's
+        what input it accepts, its queue and device, and the version each worker reported
+        running (``workers``, from the state database). Exit code 1 when a configured model's
         files cannot be read."""
         from dicom_node.cli import EXIT_FAILED, state
         from dicom_node.model_catalog import describe_models
 
-        views = describe_models(state(ctx).settings())
+        settings = state(ctx).settings()
+        views = describe_models(settings)
+        running = _published(settings)
+        for view in views:
+            view["workers"] = running.get(view["name"], [])
         if json_output:
             typer.echo(json.dumps(views, sort_keys=True, default=str))
         else:
@@ -47,6 +52,32 @@ def _print(view: dict[str, Any]) -> None:
     if view.get("labels"):
         typer.echo("  labels: " + ", ".join(f"{k} = {v['meaning']} ({v['scheme']} {v['code']})" for k, v in view["labels"].items()))
     typer.echo(f"  queue {view['queue']} · device {view['device']}")
+    for seen in view.get("workers") or []:
+        weights = f", weights {seen['weights_sha256'][:12]}" if seen.get("weights_sha256") else ""
+        typer.echo(f"  worker {seen['worker']} runs {seen['version']}{weights} (seen {seen['seen_at']})")
+    if not view.get("workers"):
+        typer.echo("  no worker has reported running it yet")
+
+
+def _published(settings: Any) -> dict[str, list[dict[str, Any]]]:
+    """What the workers reported (``model_versions``); empty when the state database cannot
+    be read (the configuration is still worth listing)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from dicom_node.errors import DicomNodeError
+    from dicom_node.state import open_database
+    from dicom_node.state.model_versions import published
+
+    try:
+        db = open_database(settings.resolved_database_url)
+    except (DicomNodeError, OSError):
+        return {}
+    try:
+        return published(db)
+    except SQLAlchemyError:  # an older schema (before revision 0006): nothing reported yet
+        return {}
+    finally:
+        db.dispose()
 
 
 def _value(value: Any) -> str:

@@ -78,3 +78,21 @@ def current_versions(db: Database) -> dict[str, str]:
     current = {model: version for model, version in finished if version is not None}
     current.update({model: version for model, version in published})
     return current
+
+
+def published(db: Database) -> dict[str, list[dict[str, str | None]]]:
+    """Model -> what each worker published for it (worker, version, weights SHA-256, when),
+    newest first: ``dicom-node models`` shows it next to the configuration."""
+    with db.session() as s:
+        rows = s.scalars(select(ModelVersion).order_by(ModelVersion.seen_at.desc(), ModelVersion.id)).all()
+        out: dict[str, list[dict[str, str | None]]] = {}
+        for row in rows:
+            out.setdefault(row.model, []).append(
+                {
+                    "worker": row.worker,
+                    "version": row.version,
+                    "weights_sha256": row.weights_sha256,
+                    "seen_at": row.seen_at.isoformat() if row.seen_at else None,
+                }
+            )
+        return out

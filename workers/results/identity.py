@@ -114,6 +114,11 @@ class JobContext:
     superseded: tuple[ResultRef, ...] = ()
     """The objects of the result set this job's results replace (empty for the first): the new
     SR names its predecessor, and a rejection note (kind ``kos``) withdraws them all."""
+    generation: int = 0
+    """``Job.generation``: how many times this input set was run again for the rule and model
+    (``dicom_node.completion.rerun_study``). From 1 on it goes into the UIDs, so a re-run never
+    sends objects whose UIDs an earlier rejection note withdrew (e.g. after rolling back to an
+    earlier model version); generation 0 keeps the UIDs of the first run."""
 
     @property
     def node(self) -> NodeIdentity:
@@ -158,7 +163,7 @@ def _uid_parts(job: JobContext, kind: str, profile: str) -> tuple[str, ...]:
     _check_uid_part("study_instance_uid", job.study_instance_uid)
     if not job.input_hash:
         raise ValueError("input_hash is empty")
-    return (
+    parts = (
         _UID_NAMESPACE,
         job.study_instance_uid,
         job.input_hash,
@@ -168,6 +173,7 @@ def _uid_parts(job: JobContext, kind: str, profile: str) -> tuple[str, ...]:
         kind,
         profile,
     )
+    return parts if job.generation == 0 else (*parts, f"generation={job.generation}")
 
 
 def output_identity(

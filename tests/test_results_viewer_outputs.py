@@ -15,6 +15,8 @@ import copy
 import dataclasses
 import io
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,13 @@ ALL = frozenset({KIND_SC, KIND_GSPS, KIND_KEY_IMAGES})
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+SCREENSHOTS = (
+    Path(os.environ["DICOM_NODE_SCREENSHOTS"]) if os.environ.get("DICOM_NODE_SCREENSHOTS") else None
+)
+"""A folder the OHIF screenshot of the SC is copied to (e.g. docs/screenshots), when set (read
+at import: the suite's fixtures clear every DICOM_NODE_* variable)."""
 
 
 def _require_dciodvfy() -> None:
@@ -515,8 +524,12 @@ def test_each_destination_gets_its_outputs_and_ohif_shows_the_key_image(
         )
         shots = tmp_path / "screenshots"
         shots.mkdir()
-        deadline = time.monotonic() + 30
+        # A loaded machine can take a while to paint; OHIF may open its cine player over the
+        # top of the image (where the banner is), so it is closed whenever it shows.
+        deadline = time.monotonic() + 90
         while True:
+            browser.eval("""(() => { const x = document.querySelector('[data-cy="cine-player-close"]');
+                if (x) { x.click(); } return true; })()""")
             rgb = np.asarray(Image.open(browser.screenshot(shots / "sc.png")).convert("RGB"))
             on_text = _sample(rgb, _image_to_screen(browser, text))
             on_dark = _sample(rgb, _image_to_screen(browser, dark))
@@ -530,6 +543,9 @@ def test_each_destination_gets_its_outputs_and_ohif_shows_the_key_image(
         assert bright > 0.8, f"banner text not shown ({bright:.0%} of its pixels bright)"
         assert unlit > 0.8, f"banner background not shown ({unlit:.0%} dark)"
         assert boxed > 0.8, f"box not shown ({boxed:.0%} of its pixels yellow)"
+        if SCREENSHOTS is not None:
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shots / "sc.png", SCREENSHOTS / "ohif-sc-key-image.png")
     finally:
         browser.close()
         server.stop()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -110,12 +112,33 @@ class Database:
 def sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     """Per-connection SQLite set-up: WAL, durable commits, foreign keys, busy timeout."""
     cur = dbapi_connection.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    _set_wal(cur)
     # FULL: a committed index row survives a power cut, matching the fsynced spool file.
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cur.close()
+
+
+def _set_wal(cur: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock.
+
+    Switching a new database file to WAL needs an exclusive lock, and SQLite answers "database
+    is locked" at once instead of waiting out the busy timeout when another connection is doing
+    the same: processes that open a fresh database together (``serve``, a worker, ``db
+    upgrade``) would otherwise fail at random. Bounded by the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.01
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 def _sqlite_on_begin(conn: Any) -> None:

@@ -327,11 +327,24 @@ def test_wrong_called_ae_title_is_permanent(own_orthanc: Orthanc, results: list[
     # Orthanc with DicomCheckCalledAet rejects "called AE title not recognised": a configuration
     # error on our side that no retry fixes.
     dest = destination(f"dicom://NOT-ORTHANC@127.0.0.1:{own_orthanc.dicom_port}")
-    with pytest.raises(PermanentDeliveryError, match="called AE title not recognised") as err:
-        deliver(dest, results)
+    # A fresh-clone run once got "association aborted by the peer" here instead of the
+    # rejection (not reproduced alone; most likely Orthanc's close overtaking its
+    # A-ASSOCIATE-RJ on a loaded machine). An abort is rightly transient: nothing says why. The
+    # rejection itself must be permanent, so up to three tries.
+    for attempt in range(3):
+        try:
+            deliver(dest, results)
+        except TransientDeliveryError as exc:
+            assert "aborted" in str(exc) and attempt < 2, exc
+            continue
+        except PermanentDeliveryError as exc:
+            err = exc
+            break
+        pytest.fail("a wrong called AE title was accepted")
+    assert "called AE title not recognised" in str(err)
     # Errors travel between processes (Celery): the class and message survive pickling.
-    copy = pickle.loads(pickle.dumps(err.value))
-    assert type(copy) is PermanentDeliveryError and str(copy) == str(err.value)
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is PermanentDeliveryError and str(copy) == str(err)
 
 
 STATUS_TABLE = [

@@ -118,6 +118,13 @@ def test_metrics_follow_a_study_through_the_node(env: NodeEnv, tmp_path: Path) -
     paths = ct_series(tmp_path / "study", slices=8, size=64)
     env.send(paths[:4])
     env.send(paths[4:])
+    # The count is made on the association's own thread in a receiver process; a CI run on a
+    # loaded machine scraped before the second one landed (1 of 2).
+    wait_until(
+        lambda: scrape(base).value("dicom_node_associations_total", outcome="accepted") >= 2,
+        10,
+        message="both associations counted",
+    )
     received = scrape(base)
     assert received.value("dicom_node_received_instances_total", source="dimse") == 8
     assert received.value("dicom_node_cstore_responses_total", status="0x0000", outcome="success") == 8

@@ -35,6 +35,9 @@ when it runs out are listed as not run.
         --weights shipped --weights training/candidates/lung_nodules_fp_v2.json --json out.json
     .venv/bin/python benchmarks/bench_real_ct.py --research-thick --phantoms 0   # real scans only
 
+``--without-masses`` adds, for each weights, a variant without the mass stage
+(:mod:`workers.models.lung_masses`): the detector's output before version 0.3.0.
+
 ``--shape-filter`` adds, for each weights, a variant with the candidate filter of
 :mod:`workers.models.shape_features` applied after stage 5 (what the detector would do with that
 filter wired in).
@@ -69,6 +72,8 @@ class Variant:
     weights: Path | None
     """An FP-reduction weights card; None for the shipped one."""
     shape_filter: bool = False
+    masses: bool = True
+    """Whether the mass stage (workers.models.lung_masses) runs; off = detector 0.2.0's output."""
 
 
 @dataclass
@@ -133,9 +138,9 @@ def make_detector(variant: Variant, threads: int) -> Any:
         return cls(
             device="cpu",
             weights=variant.weights,
-            options={"threads": threads, "outside_range": "qualify"},
+            options={"threads": threads, "outside_range": "qualify", "masses": variant.masses},
         )
-    except ValueError:  # a detector without input quality control
+    except ValueError:  # a detector without input quality control or mass stage
         return cls(device="cpu", weights=variant.weights, options={"threads": threads})
 
 
@@ -310,12 +315,14 @@ def print_tables(report: dict[str, Any], out: Any) -> None:
         )
 
 
-def _variants(weights: list[str], shape_filter: bool) -> list[Variant]:
+def _variants(weights: list[str], shape_filter: bool, without_masses: bool = False) -> list[Variant]:
     out = []
     for spec in weights or ["shipped"]:
         path = None if spec == "shipped" else Path(spec)
         label = "shipped" if path is None else path.stem
         out.append(Variant(label, path))
+        if without_masses:
+            out.append(Variant(f"{label}-masses", path, masses=False))
         if shape_filter:
             out.append(Variant(f"{label}+shape", path, shape_filter=True))
     return out
@@ -336,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         "--shape-filter",
         action="store_true",
         help="also measure each weights with workers.models.shape_features",
+    )
+    ap.add_argument(
+        "--without-masses",
+        action="store_true",
+        help="also measure each weights without the mass stage (the detector before 0.3.0)",
     )
     ap.add_argument(
         "--research-thick",
@@ -392,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": round(os.getloadavg()[0], 2),
         "variants": [],
     }
-    for variant in _variants(args.weights, args.shape_filter):
+    for variant in _variants(args.weights, args.shape_filter, args.without_masses):
         detector = make_detector(variant, args.threads)
         entry: dict[str, Any] = {
             "label": variant.label,
@@ -401,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_version": detector.info.version,
             "threshold": detector.threshold,
             "shape_filter": variant.shape_filter,
+            "masses": variant.masses,
             "real": [],
         }
         for scan in scans:

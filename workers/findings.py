@@ -27,6 +27,7 @@ class CodedConcept:
 
 # Frequently used codes (SNOMED CT; DCM for DICOM-defined concepts).
 NODULE = CodedConcept("27925004", "SCT", "Nodule")
+MASS = CodedConcept("4147007", "SCT", "Mass")
 LUNG = CodedConcept("39607008", "SCT", "Lung")
 MORPHOLOGICALLY_ABNORMAL_STRUCTURE = CodedConcept(
     "49755003", "SCT", "Morphologically abnormal structure"

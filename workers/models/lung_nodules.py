@@ -39,6 +39,10 @@ How it works (all on the CPU in about 10 s for a 300 x 512² CT on 2 cores; CUDA
    density and the lung (so ground glass is segmented too), cut to the lung mask and to a
    sphere around the centre; then centre, long-axis diameter on the key slice, volume, and
    the type (solid / part-solid / ground-glass) from the share of solid voxels.
+7. **Masses** of about 3 cm and more that lie mostly in aerated lung, including those at the
+   mediastinum that the lung mask leaves out (:mod:`workers.models.lung_masses`): reported as
+   :data:`workers.findings.MASS`; nodule findings on a mass are dropped in its favour. Options
+   ``masses`` (default true) and ``mass_threshold`` (the lung-surround share, default 0.6).
 """
 
 from __future__ import annotations
@@ -57,9 +61,9 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from dicom_node.errors import ModelLoadError
-from workers.findings import LUNG, NODULE, CodedConcept, DetectionResult, Finding
+from workers.findings import LUNG, MASS, NODULE, CodedConcept, DetectionResult, Finding
 from workers.grid import UniformGrid, uniform_grid
-from workers.models import lungs
+from workers.models import lung_masses, lungs
 from workers.models import nodule_ops as ops
 from workers.models import quality as qc
 from workers.models.base import InputRequirements, ModelInfo
@@ -70,9 +74,10 @@ from workers.volume import Volume, VolumeError
 LOGGER = logging.getLogger(__name__)
 
 NAME = "lung-nodules"
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 """The algorithm's version (goes into the model version and so into the output UIDs): 0.2.0 merges
-the rim peaks of large nodules (:func:`merge_objects`)."""
+the rim peaks of large nodules (:func:`merge_objects`); 0.3.0 adds the mass stage
+(:mod:`workers.models.lung_masses`)."""
 WEIGHTS = Path(__file__).with_name("weights") / "lung_nodules_fp.json"
 """Card of the FP-reduction weights (the .pt file it names sits beside it)."""
 
@@ -191,6 +196,10 @@ class LungNoduleDetector:
         self.closing_mm = float(options.pop("closing_mm", 12.0))
         self.clip_hu = float(options.pop("clip_hu", CLIP_HU))
         self.min_response = float(options.pop("min_response", MIN_RESPONSE))
+        self.masses = bool(options.pop("masses", True))
+        self.mass_threshold = float(options.pop("mass_threshold", lung_masses.DEFAULT_THRESHOLD))
+        if not 0.0 < self.mass_threshold < 1.0:
+            raise ValueError(f"{NAME}: mass_threshold is a lung-surround share between 0 and 1")
         if options:
             raise ValueError(f"unknown options for {NAME}: {sorted(options)}")
         path = Path(weights) if weights else WEIGHTS
@@ -216,7 +225,7 @@ class LungNoduleDetector:
             description="Reference lung-nodule detector (multi-scale LoG + learned false-positive "
             "reduction, fine-tuned on real lungs). Not a medical device; see its card for the real-scan "
             "figures and known failure modes.",
-            labels=(NODULE,),
+            labels=(NODULE, MASS) if self.masses else (NODULE,),
             weights_sha256=self._classifier.sha256 if self._classifier else None,
         )
 
@@ -383,15 +392,24 @@ class LungNoduleDetector:
             cands_points = cands.points[keep]
             radius = cands.radius_mm[keep]
             source = cands.source_ijk(cands_points + cands.offsets[keep])
-            findings: list[Finding] = []
             order = np.argsort(-scores)
+            masses: list[Finding] = []
+            if self.masses and cands.image is not None:
+                tm = time.perf_counter()
+                for mass in lung_masses.find_masses(cands.image, cands.mask, cands.spacing, threshold=self.mass_threshold):
+                    found = self._mass_finding(volume, cands, mass)
+                    if found is not None:
+                        masses.append(found)
+                cands.timings["masses"] = time.perf_counter() - tm
             # More above the threshold than a chest holds: skipped (or all written, qualified).
-            quality.findings(int((scores >= self.threshold).sum()))
+            quality.findings(int((scores >= self.threshold).sum()) + len(masses))
+            findings: list[Finding] = list(masses)
             for n in order:
                 if scores[n] < self.threshold:
                     break
                 finding = self._finding(volume, cands, cands_points[n], source[n], radius[n], float(scores[n]))
-                if finding is not None:
+                # A nodule peak on a mass is its rim or a lobule: the mass is the finding.
+                if finding is not None and not _on_mass(finding, masses):
                     findings.append(finding)
             froc = [
                 {
@@ -402,6 +420,15 @@ class LungNoduleDetector:
                 for n in order
                 if scores[n] >= FROC_FLOOR
             ][:500]
+            froc = [
+                {
+                    "center_mm": [round(v, 2) for v in m.center_mm],
+                    "score": round(float(m.confidence), 5),
+                    "radius_mm": round(m.diameter_mm / 2, 2),
+                    "kind": "mass",
+                }
+                for m in masses
+            ] + froc
             cands.timings["classify+segment"] = time.perf_counter() - t
         finally:
             torch.set_num_threads(previous_threads)
@@ -432,7 +459,7 @@ class LungNoduleDetector:
         score: float,
     ) -> Finding | None:
         """Segment one nodule at full in-plane resolution around its candidate point."""
-        grid, factor = cands.grid, cands.factor
+        grid = cands.grid
         spacing_full = (grid.spacing, volume.pixel_spacing[0], volume.pixel_spacing[1])
         reach = max(2.0 * radius_mm, 6.0)
         centre_grid = np.array([point[0], source[1], source[2]], dtype=np.float64)
@@ -441,14 +468,7 @@ class LungNoduleDetector:
         patch = grid.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
         if patch.size == 0:
             return None
-        # The lung mask (detection grid) under the patch, at full in-plane resolution.
-        r0, c0 = lo[1] // factor, lo[2] // factor
-        lung = cands.mask[lo[0] : hi[0], r0 : hi[1] // factor + 1, c0 : hi[2] // factor + 1]
-        lung = np.repeat(np.repeat(lung, factor, axis=1), factor, axis=2)
-        lung = lung[:, lo[1] - r0 * factor :, lo[2] - c0 * factor :][:, : patch.shape[1], : patch.shape[2]]
-        if lung.shape != patch.shape:
-            pad = [(0, p - m) for p, m in zip(patch.shape, lung.shape, strict=True)]
-            lung = np.pad(lung, pad, mode="edge")
+        lung = _lung_patch(cands, lo, hi, patch.shape)
         smooth = ndimage.uniform_filter(patch, size=(1, 3, 3))
         c = np.clip(np.rint(centre_grid - lo).astype(int), 0, np.array(patch.shape) - 1)
         centre_val = float(smooth[tuple(c)])
@@ -478,26 +498,82 @@ class LungNoduleDetector:
                 obj = lab2 == keep
         solid_share = float((patch[obj] > -300).mean()) if obj.any() else 0.0
         kind = "solid" if solid_share >= 0.6 else ("ground-glass" if solid_share <= 0.05 else "part-solid")
-        src_mask = grid.mask_to_source(_embed(obj, lo, grid.array.shape)) if not grid.identity else None
-        if src_mask is not None:
-            k_idx = np.flatnonzero(src_mask.any(axis=(1, 2)))
-            if k_idx.size == 0:
-                return None
-            k0 = int(k_idx[0])
-            sub = src_mask[k0 : int(k_idx[-1]) + 1, lo[1] : hi[1], lo[2] : hi[2]]
-            offset = (k0, int(lo[1]), int(lo[2]))
-        else:
-            sub, offset = obj, (int(lo[0]), int(lo[1]), int(lo[2]))
-        return finding_from_mask(
-            volume,
-            sub,
-            score,
-            label=NODULE,
-            site=LUNG,
-            kind=kind,
-            offset=offset,
-            centre_ijk=(float(source[0]), float(source[1]), float(source[2])),
-        )
+        return _measure(volume, cands, obj, lo, score, NODULE, kind, source)
+
+    def _mass_finding(self, volume: Volume, cands: Candidates, mass: lung_masses.Mass) -> Finding | None:
+        """Segment one mass (:mod:`workers.models.lung_masses`) at full in-plane resolution."""
+        grid = cands.grid
+        spacing_full = (grid.spacing, volume.pixel_spacing[0], volume.pixel_spacing[1])
+        source = cands.source_ijk(mass.centre[None, :])[0]
+        centre_grid = np.array([mass.centre[0], source[1], source[2]], dtype=np.float64)
+        reach = 2.2 * mass.radius_mm
+        lo = np.maximum(np.floor(centre_grid - reach / np.array(spacing_full)).astype(int), 0)
+        hi = np.minimum(np.ceil(centre_grid + reach / np.array(spacing_full)).astype(int) + 1, np.array(grid.array.shape))
+        patch = grid.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        if patch.size == 0:
+            return None
+        lung = _lung_patch(cands, lo, hi, patch.shape)
+        obj = lung_masses.segment(patch, lung, spacing_full, centre_grid - lo, mass.radius_mm)
+        # The lung-surround share on the detector's scale: the mass threshold maps to the
+        # operating point, a share of 1 to 1 (rank-preserving; not a calibrated probability).
+        span = max(1.0 - self.mass_threshold, 1e-6)
+        score = self.threshold + (1.0 - self.threshold) * min(max((mass.share - self.mass_threshold) / span, 0.0), 1.0)
+        return _measure(volume, cands, obj, lo, score, MASS, "mass", source)
+
+
+def _lung_patch(cands: Candidates, lo: np.ndarray, hi: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The lung mask (detection grid) under the full-resolution patch ``lo:hi`` of ``shape``."""
+    factor = cands.factor
+    r0, c0 = lo[1] // factor, lo[2] // factor
+    lung = cands.mask[lo[0] : hi[0], r0 : hi[1] // factor + 1, c0 : hi[2] // factor + 1]
+    lung = np.repeat(np.repeat(lung, factor, axis=1), factor, axis=2)
+    lung = lung[:, lo[1] - r0 * factor :, lo[2] - c0 * factor :][:, : shape[1], : shape[2]]
+    if lung.shape != shape:
+        pad = [(0, p - m) for p, m in zip(shape, lung.shape, strict=True)]
+        lung = np.pad(lung, pad, mode="edge")
+    return lung
+
+
+def _measure(
+    volume: Volume,
+    cands: Candidates,
+    obj: np.ndarray,
+    lo: np.ndarray,
+    score: float,
+    label: CodedConcept,
+    kind: str,
+    source: np.ndarray,
+) -> Finding | None:
+    """A finding from ``obj`` (a mask on the uniform grid at full in-plane resolution, placed at
+    ``lo``), mapped back to the source slices when the grid is not the source's."""
+    grid = cands.grid
+    hi = lo + np.array(obj.shape)
+    src_mask = grid.mask_to_source(_embed(obj, lo, grid.array.shape)) if not grid.identity else None
+    if src_mask is not None:
+        k_idx = np.flatnonzero(src_mask.any(axis=(1, 2)))
+        if k_idx.size == 0:
+            return None
+        k0 = int(k_idx[0])
+        sub = src_mask[k0 : int(k_idx[-1]) + 1, lo[1] : hi[1], lo[2] : hi[2]]
+        offset = (k0, int(lo[1]), int(lo[2]))
+    else:
+        sub, offset = obj, (int(lo[0]), int(lo[1]), int(lo[2]))
+    return finding_from_mask(
+        volume,
+        sub,
+        score,
+        label=label,
+        site=LUNG,
+        kind=kind,
+        offset=offset,
+        centre_ijk=(float(source[0]), float(source[1]), float(source[2])),
+    )
+
+
+def _on_mass(finding: Finding, masses: list[Finding]) -> bool:
+    """Whether a nodule finding lies on a mass (its rim, lobulation or spiculae)."""
+    c = np.asarray(finding.center_mm)
+    return any(np.linalg.norm(c - np.asarray(m.center_mm)) <= 0.6 * m.diameter_mm for m in masses)
 
 
 def _embed(obj: np.ndarray, lo: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,139 @@
+"""Lung masses for the built-in ``lung-nodules`` detector: solid lesions of about 3 cm and more
+that lie mostly in aerated lung, including those that abut the mediastinum or the hilum.
+
+The nodule stages look for blobs *inside* the lung mask, and a large tumour at the mediastinum
+lies mostly outside it (docs/detection.md, "Known failure modes"); their scales end at 28 mm.
+This stage asks a geometric question instead, on a 4 mm isotropic copy of the detection image:
+
+* **solid ball**: at least :data:`SOLID_SHARE` of a ball of radius r (``RADII_MM``: 14-24 mm,
+  so a lesion of about 28 mm or more) is denser than :data:`TISSUE_HU` and inside the body;
+* **mostly in the lung**: the share of the shell between 1.3 r and 1.8 r around it that is
+  aerated lung (the lung mask below :data:`AIR_HU`) — the **lung-surround share**.
+
+A ball half-embedded in a flat wall has a share below 0.5 (the shell's half beyond the wall
+plane, less the partial volume); the mediastinum, heart, spine and diaphragm present smooth,
+wide surfaces to the lung and stay near or below that. A mass that protrudes into the lung by
+more than half its size is surrounded by lung on more than half of its shell. Local maxima of
+the share at or above ``threshold`` (default :data:`DEFAULT_THRESHOLD`, "clearly more than a
+hemisphere") are masses, one per :data:`SUPPRESS_FACTOR` radii.
+
+What this does not find: a mass embedded in the mediastinum or the chest wall by more than half
+its size (the lung-surround share is the same as for the normal wall), and anything smaller
+than about 28 mm (the nodule stages' job). Dense consolidation or atelectasis surrounded by lung
+is found as a mass. The rule and its threshold were set while looking at the Lung-PET-CT-Dx
+tumours and ``lidc-idri-0002``: figures on those scans are development figures, not a
+validation (weights card, ``mass_stage``; docs/detection.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage, signal
+
+from workers.models import lungs
+
+VOXEL_MM = 4.0
+"""Isotropic grid of the search: a 3 cm lesion still spans about 7 voxels."""
+RADII_MM = (14.0, 18.0, 24.0)
+SHELL = (1.3, 1.8)
+"""The surround shell, in radii."""
+TISSUE_HU = -300.0
+AIR_HU = -500.0
+SOLID_SHARE = 0.85
+DEFAULT_THRESHOLD = 0.6
+SUPPRESS_FACTOR = 2.0
+MAX_MASSES = 5
+"""At most this many masses per scan are looked at (more is the findings check's business)."""
+
+
+@dataclass(frozen=True)
+class Mass:
+    """One mass found on the detection grid."""
+
+    centre: np.ndarray
+    """(k, r, c) on the detection grid (fractional)."""
+    radius_mm: float
+    """The radius of the solid ball that scored best."""
+    share: float
+    """The lung-surround share (0..1)."""
+
+
+def _kernel(r_in: float, r_out: float) -> np.ndarray:
+    n = math.ceil(r_out / VOXEL_MM)
+    z, y, x = np.mgrid[-n : n + 1, -n : n + 1, -n : n + 1].astype(np.float32) * VOXEL_MM
+    d = np.sqrt(z * z + y * y + x * x)
+    k = ((d >= r_in) & (d <= r_out)).astype(np.float32)
+    return k / k.sum()
+
+
+def find_masses(
+    image: np.ndarray,
+    lung_mask: np.ndarray,
+    spacing: tuple[float, float, float],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> list[Mass]:
+    """Masses in ``image`` (HU on the detection grid, voxel ``spacing`` mm) given the detector's
+    ``lung_mask`` on the same grid; best first."""
+    if not lung_mask.any():
+        return []
+    zoom = [s / VOXEL_MM for s in spacing]
+    img = ndimage.zoom(image.astype(np.float32), zoom, order=1)
+    lung = (ndimage.zoom(lung_mask.astype(np.float32), zoom, order=1) > 0.5) & (img < AIR_HU)
+    body = lungs.body_hull(img)
+    tissue = ((img > TISSUE_HU) & body).astype(np.float32)
+    air = lung.astype(np.float32)
+    share = np.zeros(img.shape, dtype=np.float32)
+    radius = np.zeros(img.shape, dtype=np.float32)
+    for r in RADII_MM:
+        solid = signal.fftconvolve(tissue, _kernel(0.0, r), mode="same")
+        around = signal.fftconvolve(air, _kernel(SHELL[0] * r, SHELL[1] * r), mode="same")
+        s = np.where(solid >= SOLID_SHARE, around, 0.0)
+        better = s > share
+        share[better] = s[better]
+        radius[better] = r
+    peaks = (share >= threshold) & (share == ndimage.maximum_filter(share, size=5))
+    pts = np.argwhere(peaks)
+    order = np.argsort(-share[peaks], kind="stable")
+    # ndimage.zoom maps the corners onto each other: output index p is input p * (n - 1) / (m - 1).
+    to_grid = np.array([(n - 1) / max(m - 1, 1) for n, m in zip(image.shape, img.shape, strict=True)])
+    kept: list[Mass] = []
+    placed: list[tuple[np.ndarray, float]] = []
+    for n in order:
+        p = pts[n]
+        r = float(radius[tuple(p)])
+        mm = p * VOXEL_MM
+        if any(np.linalg.norm(mm - q) < SUPPRESS_FACTOR * max(r, rq) for q, rq in placed):
+            continue
+        placed.append((mm, r))
+        kept.append(Mass(centre=p * to_grid, radius_mm=r, share=float(share[tuple(p)])))
+        if len(kept) >= MAX_MASSES:
+            break
+    return kept
+
+
+def segment(
+    patch: np.ndarray,
+    lung: np.ndarray,
+    spacing: tuple[float, float, float],
+    centre: np.ndarray,
+    radius_mm: float,
+) -> np.ndarray:
+    """The mass's voxels in ``patch`` (HU, voxel ``spacing``) around ``centre`` (patch index):
+    tissue in the solid ball (1.2 r), and the tissue connected to it inside the lung mask
+    ``lung`` up to 2 r (the part that reaches into the lung: lobulation, spiculae)."""
+    smooth = ndimage.uniform_filter(patch.astype(np.float32), size=(1, 3, 3))
+    tissue = smooth > TISSUE_HU
+    zz, yy, xx = np.meshgrid(*(np.arange(n) * s for n, s in zip(patch.shape, spacing, strict=True)), indexing="ij")
+    c = np.asarray(centre) * np.array(spacing)
+    dist = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+    core = tissue & (dist <= 1.2 * radius_mm)
+    reach = tissue & (core | lung) & (dist <= 2.0 * radius_mm)
+    labels, count = ndimage.label(reach)
+    if count == 0:
+        return core
+    touching = np.unique(labels[core])
+    return np.isin(labels, touching[touching > 0]) | core

@@ -459,16 +459,11 @@ class LungNoduleDetector:
         score: float,
     ) -> Finding | None:
         """Segment one nodule at full in-plane resolution around its candidate point."""
-        grid = cands.grid
-        spacing_full = (grid.spacing, volume.pixel_spacing[0], volume.pixel_spacing[1])
-        reach = max(2.0 * radius_mm, 6.0)
         centre_grid = np.array([point[0], source[1], source[2]], dtype=np.float64)
-        lo = np.maximum(np.floor(centre_grid - reach / np.array(spacing_full)).astype(int), 0)
-        hi = np.minimum(np.ceil(centre_grid + reach / np.array(spacing_full)).astype(int) + 1, np.array(grid.array.shape))
-        patch = grid.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        if patch.size == 0:
+        cut_out = _patch(volume, cands, centre_grid, max(2.0 * radius_mm, 6.0))
+        if cut_out is None:
             return None
-        lung = _lung_patch(cands, lo, hi, patch.shape)
+        patch, lung, lo, spacing_full = cut_out
         smooth = ndimage.uniform_filter(patch, size=(1, 3, 3))
         c = np.clip(np.rint(centre_grid - lo).astype(int), 0, np.array(patch.shape) - 1)
         centre_val = float(smooth[tuple(c)])
@@ -502,23 +497,33 @@ class LungNoduleDetector:
 
     def _mass_finding(self, volume: Volume, cands: Candidates, mass: lung_masses.Mass) -> Finding | None:
         """Segment one mass (:mod:`workers.models.lung_masses`) at full in-plane resolution."""
-        grid = cands.grid
-        spacing_full = (grid.spacing, volume.pixel_spacing[0], volume.pixel_spacing[1])
         source = cands.source_ijk(mass.centre[None, :])[0]
         centre_grid = np.array([mass.centre[0], source[1], source[2]], dtype=np.float64)
-        reach = 2.2 * mass.radius_mm
-        lo = np.maximum(np.floor(centre_grid - reach / np.array(spacing_full)).astype(int), 0)
-        hi = np.minimum(np.ceil(centre_grid + reach / np.array(spacing_full)).astype(int) + 1, np.array(grid.array.shape))
-        patch = grid.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        if patch.size == 0:
+        cut_out = _patch(volume, cands, centre_grid, 2.2 * mass.radius_mm)
+        if cut_out is None:
             return None
-        lung = _lung_patch(cands, lo, hi, patch.shape)
+        patch, lung, lo, spacing_full = cut_out
         obj = lung_masses.segment(patch, lung, spacing_full, centre_grid - lo, mass.radius_mm)
         # The lung-surround share on the detector's scale: the mass threshold maps to the
         # operating point, a share of 1 to 1 (rank-preserving; not a calibrated probability).
         span = max(1.0 - self.mass_threshold, 1e-6)
         score = self.threshold + (1.0 - self.threshold) * min(max((mass.share - self.mass_threshold) / span, 0.0), 1.0)
         return _measure(volume, cands, obj, lo, score, MASS, "mass", source)
+
+
+def _patch(
+    volume: Volume, cands: Candidates, centre_grid: np.ndarray, reach_mm: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float]] | None:
+    """The uniform grid at full in-plane resolution within ``reach_mm`` of ``centre_grid``, with
+    the lung mask under it: ``(patch, lung, lo, spacing)``, or None when empty."""
+    grid = cands.grid
+    spacing = (grid.spacing, volume.pixel_spacing[0], volume.pixel_spacing[1])
+    lo = np.maximum(np.floor(centre_grid - reach_mm / np.array(spacing)).astype(int), 0)
+    hi = np.minimum(np.ceil(centre_grid + reach_mm / np.array(spacing)).astype(int) + 1, np.array(grid.array.shape))
+    patch = grid.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    if patch.size == 0:
+        return None
+    return patch, _lung_patch(cands, lo, hi, patch.shape), lo, spacing
 
 
 def _lung_patch(cands: Candidates, lo: np.ndarray, hi: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -26,6 +26,8 @@ from dicom_node.scp import wire
 LOGGER = logging.getLogger(__name__)
 
 LINGER_SECONDS = 2.0
+ANSWER_WITHIN_SECONDS = 0.5
+"""A refused peer's rejection goes out when its first bytes arrive, or after this long."""
 """How long a refused connection is kept open for the peer to read the rejection."""
 MAX_LINGERING = 256
 """Refused connections kept open at once; beyond that they are closed at once."""
@@ -87,19 +89,24 @@ class ConnectionGate:
 
 
 class Refuser:
-    """Rejects connections over a cap: sends A-ASSOCIATE-RJ at once, lets the peer read it.
+    """Rejects connections over a cap with A-ASSOCIATE-RJ, without a thread per connection.
 
-    The rejection goes out before the peer's A-ASSOCIATE-RQ is read (it never is): a requestor
-    reads it after sending its request, as it would any answer. The socket then stays open up to
-    :data:`LINGER_SECONDS` while one thread discards what the peer sends, so that closing it does
-    not reset the connection before the peer has read the rejection. TLS connections are closed
-    without a word (no handshake is spent on them).
+    One thread watches the refused sockets for up to :data:`LINGER_SECONDS`. The rejection goes
+    out when the peer's first bytes (its A-ASSOCIATE-RQ) arrive, which are discarded unparsed, as
+    is whatever follows, or after :data:`ANSWER_WITHIN_SECONDS` from a peer that sends nothing:
+    a rejection sent at accept can reach a requestor still between connecting and sending its
+    request, where an unexpected PDU may be taken for a protocol error and the peer sees an abort
+    instead of "local limit exceeded". The socket then stays open until the peer closes it or the
+    time is up, so that closing it does not reset the connection before the peer has read the
+    rejection. TLS connections are closed without a word (no handshake is spent on them).
     """
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._deadlines: dict[socket.socket, float] = {}
+        self._awaiting: dict[socket.socket, float] = {}
+        """Refused sockets not answered yet, with the time the rejection goes out regardless."""
         self._counts: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -120,8 +127,6 @@ class Refuser:
             return
         try:
             sock.setblocking(False)
-            sock.send(wire.associate_rj_pdu(*wire.REJECT_LOCAL_LIMIT))
-            sock.shutdown(socket.SHUT_WR)
         except OSError:
             _close(sock)
             return
@@ -129,7 +134,9 @@ class Refuser:
             if self._stopped or len(self._deadlines) >= MAX_LINGERING:
                 _close(sock)
                 return
-            self._deadlines[sock] = time.monotonic() + LINGER_SECONDS
+            now = time.monotonic()
+            self._deadlines[sock] = now + LINGER_SECONDS
+            self._awaiting[sock] = now + ANSWER_WITHIN_SECONDS
             self._selector.register(sock, selectors.EVENT_READ)
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -163,16 +170,37 @@ class Refuser:
                     continue
                 except OSError:
                     data = b""
+                if data and not self._answer(sock):
+                    data = b""
                 if not data:
                     with self._lock:
                         self._forget(sock)
             now = time.monotonic()
             with self._lock:
+                silent = [sock for sock, due in self._awaiting.items() if due <= now]
+            for sock in silent:
+                if not self._answer(sock):
+                    with self._lock:
+                        self._forget(sock)
+            with self._lock:
                 for sock, deadline in list(self._deadlines.items()):
                     if deadline <= now:
                         self._forget(sock)
 
+    def _answer(self, sock: socket.socket) -> bool:
+        """Send the rejection once (and close our side for writing); False when the socket failed."""
+        with self._lock:
+            if self._awaiting.pop(sock, None) is None:
+                return True
+        try:
+            sock.send(wire.associate_rj_pdu(*wire.REJECT_LOCAL_LIMIT))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        return True
+
     def _forget(self, sock: socket.socket) -> None:
+        self._awaiting.pop(sock, None)
         if self._deadlines.pop(sock, None) is None:
             return
         with contextlib.suppress(KeyError, ValueError):

@@ -45,6 +45,8 @@ AIR_HU = -500.0
 SOLID_SHARE = 0.85
 DEFAULT_THRESHOLD = 0.6
 SUPPRESS_FACTOR = 2.0
+DETACH_MM = 2.0
+"""Opening radius of the segmentation: vessels and spiculae under 4 mm across are cut off."""
 MAX_MASSES = 5
 """At most this many masses per scan are looked at (more is the findings check's business)."""
 
@@ -123,17 +125,28 @@ def segment(
     radius_mm: float,
 ) -> np.ndarray:
     """The mass's voxels in ``patch`` (HU, voxel ``spacing``) around ``centre`` (patch index):
-    tissue in the solid ball (1.2 r), and the tissue connected to it inside the lung mask
-    ``lung`` up to 2 r (the part that reaches into the lung: lobulation, spiculae)."""
+    the tissue in the solid ball that found it (radius r), and the tissue inside the lung mask
+    ``lung`` up to 1.6 r that stays connected to it once opened by a ball of
+    :data:`DETACH_MM` (lobulation reaches into the lung; vessels and thin spiculae are cut
+    off, so the long axis measures the mass, not the vessels running to it)."""
     smooth = ndimage.uniform_filter(patch.astype(np.float32), size=(1, 3, 3))
     tissue = smooth > TISSUE_HU
     zz, yy, xx = np.meshgrid(*(np.arange(n) * s for n, s in zip(patch.shape, spacing, strict=True)), indexing="ij")
     c = np.asarray(centre) * np.array(spacing)
     dist = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
-    core = tissue & (dist <= 1.2 * radius_mm)
-    reach = tissue & (core | lung) & (dist <= 2.0 * radius_mm)
-    labels, count = ndimage.label(reach)
+    core = tissue & (dist <= radius_mm)
+    reach = tissue & lung & (dist <= 1.6 * radius_mm)
+    reach = ndimage.binary_opening(reach, structure=_ball(DETACH_MM, spacing))
+    labels, count = ndimage.label(reach | core)
     if count == 0:
         return core
     touching = np.unique(labels[core])
-    return np.isin(labels, touching[touching > 0]) | core
+    return np.isin(labels, touching[touching > 0])
+
+
+def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
+    """A ball of ``radius_mm`` as a structuring element on a grid of voxel ``spacing``."""
+    half = [max(int(radius_mm // s), 0) for s in spacing]
+    axes = [np.arange(-h, h + 1) * s for h, s in zip(half, spacing, strict=True)]
+    zz, yy, xx = np.meshgrid(*axes, indexing="ij")
+    return np.asarray(zz**2 + yy**2 + xx**2 <= radius_mm**2)

@@ -32,10 +32,10 @@ import shutil
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, wraps
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,26 @@ def forget_dead_processes(path: Path) -> None:
 
 # -- receiver side: counted in the process where it happens -------------------------------------
 
+_CREATING = threading.RLock()
+
+
+def created_once(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """``functools.cache`` under one lock, for functions that create prometheus_client metrics.
+
+    A receiver process first touches its counters from
+    whichever association thread comes first, possibly two at once (a rejection and the next
+    acceptance); an unlocked cache let both create the counters, and the second creation's
+    duplicate-registration error lost that event's count."""
+    cached = cache(factory)
+
+    @wraps(factory)
+    def once(*args: Any) -> Any:
+        with _CREATING:
+            return cached(*args)
+
+    return once
+
+
 
 @dataclass
 class _ReceiverMetrics:
@@ -141,7 +161,7 @@ class _ReceiverMetrics:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@cache
+@created_once
 def _receiver_metrics() -> _ReceiverMetrics:
     from prometheus_client import Counter, Gauge
 
@@ -179,7 +199,7 @@ def status_outcome(status: int) -> str:
     return category(status).value
 
 
-@cache
+@created_once
 def _status_counter(status: int) -> Any:
     # Labelled children are looked up once per status, not three times per instance.
     return _receiver_metrics().statuses.labels(
@@ -187,7 +207,7 @@ def _status_counter(status: int) -> Any:
     )
 
 
-@cache
+@created_once
 def _source_counters(source: str) -> tuple[Any, Any]:
     m = _receiver_metrics()
     return m.instances.labels(source=source), m.bytes.labels(source=source)
@@ -204,7 +224,7 @@ def observe_instance(source: str, status: int, size: int) -> None:
             stored_bytes.inc(size)
 
 
-@cache
+@created_once
 def _pull_metrics() -> tuple[Any, Any]:
     from prometheus_client import Counter
 

@@ -9,11 +9,11 @@ import select
 import socket
 import ssl
 import threading
-from functools import cache
 from typing import Any
 
 from dicom_node import audit
 from dicom_node.atna.messages import audit_message, kind_of, syslog_frame
+from dicom_node.metrics import created_once
 from dicom_node.settings import AuditSyslogSettings
 from dicom_node.state import Database, Study
 from dicom_node.tls import bcp195_context, load_chain
@@ -24,7 +24,7 @@ MAX_BACKOFF_SECONDS = 30.0
 """Longest wait between two attempts to reach the collector."""
 
 
-@cache
+@created_once
 def _counter() -> Any:
     from prometheus_client import Counter
 

@@ -2,18 +2,20 @@
 more that lie mostly in aerated lung, including at the mediastinum, where the nodule stages'
 lung mask leaves them out.
 
-On a hand-built chest: a mass that bulges into the lung is found, a bump half embedded in the
-mediastinum (what the normal mediastinum, aorta and spine look like) and a 16 mm nodule are not.
+On a hand-built chest: a mass that bulges into the lung is found; so is one about half embedded
+in the mediastinum with lung above and below it; the same cross-section as a tube along the body
+axis (what the aorta, the hila and the spine look like) and a 16 mm nodule are not.
 On real chest CT: the right hilar tumour of Lung-PET-CT-Dx A0002 is reported as one Mass, written
-into a TID 1500 SR and a SEG that dciodvfy accepts, and the A0001 series (whose paravertebral
-tumour lies half in the mediastinum, a documented miss) get no false mass. These real series are
-the ones the stage was developed on (the module's docstring): regression checks, not a measure.
+into a TID 1500 SR and a SEG that dciodvfy accepts, and the paravertebral tumour of A0001, half
+against the spine and the aorta, is one Mass on both series with nothing else. These real series
+are the ones the stage was developed on (the module's docstring): regression checks, not a measure.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -36,9 +38,13 @@ LUNG_CENTRES_X = (-65.0, 65.0)
 LUNG_AXES = (70.0, 80.0, 50.0)
 
 
-def chest(lesions: list[tuple[tuple[float, float, float], float]]) -> tuple[np.ndarray, np.ndarray]:
+def chest(
+    lesions: list[tuple[tuple[float, float, float], float]],
+    tubes: Sequence[tuple[tuple[float, float], float]] = (),
+) -> tuple[np.ndarray, np.ndarray]:
     """A chest of soft tissue with two ellipsoidal lungs, plus solid balls ``(centre mm, radius
-    mm)`` (centre relative to the image centre, (z, y, x)); returns ``(image, lung mask)``."""
+    mm)`` (centre relative to the image centre, (z, y, x)) and solid tubes along the body axis
+    ``((y, x) mm, radius mm)`` through every slice; returns ``(image, lung mask)``."""
     rng = np.random.default_rng(7)
     grid = np.stack(
         np.meshgrid(*((np.arange(n) - (n - 1) / 2) * s for n, s in zip(SHAPE, SPACING, strict=True)), indexing="ij"),
@@ -53,6 +59,8 @@ def chest(lesions: list[tuple[tuple[float, float, float], float]]) -> tuple[np.n
     image[lung] = -850.0
     for centre, radius in lesions:
         image[np.linalg.norm(grid - np.array(centre), axis=-1) <= radius] = 40.0
+    for (ty, tx), radius in tubes:
+        image[np.hypot(y - ty, x - tx) <= radius] = 40.0
     image = image + rng.normal(0.0, 20.0, SHAPE)
     return image.astype(np.float32), lung
 
@@ -75,14 +83,28 @@ def test_a_mass_bulging_into_the_lung_from_the_mediastinum_is_found() -> None:
     assert masses[0].radius_mm >= 14.0 and masses[0].share >= lung_masses.DEFAULT_THRESHOLD
 
 
-def test_a_bump_half_in_the_mediastinum_and_a_nodule_are_not_masses() -> None:
-    bump = (0.0, 0.0, MEDIAL_WALL_X)  # centred on the wall: half of it in the mediastinum
-    nodule = (10.0, 20.0, LUNG_CENTRES_X[1])  # a 16 mm nodule in the middle of the other lung
-    image, lung = chest([(bump, 20.0), (nodule, 8.0)])
-    assert lung_masses.find_masses(image, lung, SPACING) == []
-    # The same bump pushed into the lung by 12 mm more is a mass again (the rule's direction).
+def test_a_mass_half_in_the_mediastinum_with_lung_above_and_below_is_found() -> None:
+    """About half embedded (its centre 4 mm into the lung): the lung-surround share of the normal
+    wall, found because lung lies above and below it (the A0001 paravertebral tumour's case)."""
+    centre = (0.0, 0.0, MEDIAL_WALL_X - 4.0)
+    image, lung = chest([(centre, 20.0)])
+    (mass,) = lung_masses.find_masses(image, lung, SPACING)
+    assert _found([mass], centre)[0] <= 10.0
+    assert mass.share < lung_masses.DEFAULT_THRESHOLD <= mass.share + lung_masses.EMBEDDED_MARGIN
+    assert mass.polar >= lung_masses.POLAR_SHARE and mass.evidence > 0.0
+
+
+def test_tubes_along_the_body_axis_and_a_nodule_are_not_masses() -> None:
+    """The same 40 mm cross-section as a tube through every slice (aorta, hilum, spine), half in
+    the mediastinum or pushed 8 mm further into the lung, and a 16 mm nodule: no mass."""
+    nodule = (10.0, 20.0, LUNG_CENTRES_X[1])  # in the middle of the other lung
+    for into_lung in (0.0, 8.0):
+        image, lung = chest([(nodule, 8.0)], tubes=[((0.0, MEDIAL_WALL_X - into_lung), 20.0)])
+        assert lung_masses.find_masses(image, lung, SPACING) == [], into_lung
+    # A ball of that size pushed 12 mm into the lung is a mass by its share alone.
     image, lung = chest([((0.0, 0.0, MEDIAL_WALL_X - 12.0), 20.0), (nodule, 8.0)])
-    assert len(lung_masses.find_masses(image, lung, SPACING)) == 1
+    (mass,) = lung_masses.find_masses(image, lung, SPACING)
+    assert mass.share >= lung_masses.DEFAULT_THRESHOLD
 
 
 def test_no_lungs_no_masses_and_the_threshold_is_checked() -> None:
@@ -152,15 +174,18 @@ def test_the_a0002_hilar_tumour_is_one_mass_in_a_valid_sr_and_seg(real_chest_ct:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("series", ["lung-pet-ct-dx-a0001-l-5mm", "lung-pet-ct-dx-a0001-b-5mm"])
-def test_no_false_mass_on_the_a0001_series(real_chest_ct: Path, series: str) -> None:
+def test_the_a0001_paravertebral_tumour_is_one_mass_and_nothing_else(real_chest_ct: Path, series: str) -> None:
+    """Half of this tumour lies against the spine and the aorta (lung-surround share about 0.5,
+    as the normal hila): found because lung lies above and below it, and nothing else is reported."""
     folder = real_chest_ct / series
-    volume = _research_volume(folder)
-    detector = LungNoduleDetector(device="cpu", options={"outside_range": "qualify"})
-    cands = detector.candidates(volume)
-    assert cands.image is not None
     truth = json.loads((folder / "truth.json").read_text())
     boxes = tumour_positive(truth["tumour_boxes"])["boxes_mm"]
     wide = [[[v - 15.0 for v in lo], [v + 15.0 for v in hi]] for lo, hi in boxes]
-    masses = lung_masses.find_masses(cands.image, cands.mask, cands.spacing)
-    centres = np.array([volume.index_to_patient(*cands.source_ijk(m.centre[None, :])[0]) for m in masses]).reshape(-1, 3)
-    assert not (~_inside_boxes(centres, wide)).any(), centres
+    detector = LungNoduleDetector(device="cpu", options={"outside_range": "qualify"})
+    result = detector.predict(_research_volume(folder))
+    centres = np.array([f.center_mm for f in result.findings]).reshape(-1, 3)
+    described = [(f.label.meaning, [round(v) for v in f.center_mm]) for f in result.findings]
+    masses = [f for f in result.findings if f.label == MASS]
+    assert len(masses) == 1 and _inside_boxes(np.array([masses[0].center_mm]), boxes)[0], described
+    assert masses[0].confidence >= detector.threshold
+    assert _inside_boxes(centres, wide).all(), described

@@ -17,12 +17,20 @@ more than half its size is surrounded by lung on more than half of its shell. Lo
 the share at or above ``threshold`` (default :data:`DEFAULT_THRESHOLD`, "clearly more than a
 hemisphere") are masses, one per :data:`SUPPRESS_FACTOR` radii.
 
+A mass about half embedded in the mediastinum (a paravertebral or hilar tumour) has the share
+of the normal wall, and is told from it by what lies **above and below** it: the normal
+structures that reach as far into the lung — aorta, hila, spine, heart — are tubes or domes
+along the body axis, with tissue above or below them, while a mass has lung on both sides
+along z. So a local maximum whose share is at least :data:`EMBEDDED_MARGIN` below ``threshold``
+is also a mass when the lung takes at least :data:`POLAR_SHARE` of **both** polar caps of its
+shell (the parts within 45 degrees of the body axis, above and below).
+
 What this does not find: a mass embedded in the mediastinum or the chest wall by more than half
-its size (the lung-surround share is the same as for the normal wall), and anything smaller
-than about 28 mm (the nodule stages' job). Dense consolidation or atelectasis surrounded by lung
-is found as a mass. The rule and its threshold were set while looking at the Lung-PET-CT-Dx
-tumours and ``lidc-idri-0002``: figures on those scans are development figures, not a
-validation (weights card, ``mass_stage``; docs/detection.md).
+its size, or half embedded with tissue above or below it (a mass on the diaphragm or at the
+apex), and anything smaller than about 28 mm (the nodule stages' job). Dense consolidation or
+atelectasis surrounded by lung is found as a mass. The rule and its thresholds were set while
+looking at the Lung-PET-CT-Dx tumours and ``lidc-idri-0002``: figures on those scans are
+development figures, not a validation (weights card, ``mass_stage``; docs/detection.md).
 """
 
 from __future__ import annotations
@@ -44,6 +52,12 @@ TISSUE_HU = -300.0
 AIR_HU = -500.0
 SOLID_SHARE = 0.85
 DEFAULT_THRESHOLD = 0.6
+EMBEDDED_MARGIN = 0.15
+"""How far below ``threshold`` the share of a mass with lung above and below may be."""
+POLAR_SHARE = 0.5
+"""The lung share both polar caps of the shell need for a half-embedded mass."""
+POLAR_COS = math.cos(math.radians(45.0))
+"""The polar caps: the shell within 45 degrees of the body axis."""
 SUPPRESS_FACTOR = 2.0
 DETACH_MM = 2.0
 """Opening radius of the segmentation: vessels and spiculae under 4 mm across are cut off."""
@@ -61,14 +75,27 @@ class Mass:
     """The radius of the solid ball that scored best."""
     share: float
     """The lung-surround share (0..1)."""
+    polar: float
+    """The lower of the lung shares of the shell's two polar caps (above and below; 0..1)."""
+    evidence: float
+    """How far the mass clears the rule that found it, 0 (just) to 1 (surrounded by lung)."""
 
 
-def _kernel(r_in: float, r_out: float) -> np.ndarray:
+def _kernel(r_in: float, r_out: float, cap: int = 0) -> np.ndarray:
+    """The shell between ``r_in`` and ``r_out`` (mm) as a normalised convolution kernel; with
+    ``cap`` +1 or -1 only its polar cap towards +z or -z (:data:`POLAR_COS`)."""
     n = math.ceil(r_out / VOXEL_MM)
     z, y, x = np.mgrid[-n : n + 1, -n : n + 1, -n : n + 1].astype(np.float32) * VOXEL_MM
     d = np.sqrt(z * z + y * y + x * x)
-    k = ((d >= r_in) & (d <= r_out)).astype(np.float32)
-    return k / k.sum()
+    k = (d >= r_in) & (d <= r_out)
+    if cap:
+        k &= cap * z >= POLAR_COS * d
+    kf = k.astype(np.float32)
+    return kf / kf.sum()
+
+
+def _clip01(v: float) -> float:
+    return min(max(v, 0.0), 1.0)
 
 
 def find_masses(
@@ -89,6 +116,7 @@ def find_masses(
     tissue = ((img > TISSUE_HU) & body).astype(np.float32)
     air = lung.astype(np.float32)
     share = np.zeros(img.shape, dtype=np.float32)
+    polar = np.zeros(img.shape, dtype=np.float32)
     radius = np.zeros(img.shape, dtype=np.float32)
     for r in RADII_MM:
         solid = signal.fftconvolve(tissue, _kernel(0.0, r), mode="same")
@@ -97,7 +125,13 @@ def find_masses(
         better = s > share
         share[better] = s[better]
         radius[better] = r
-    peaks = (share >= threshold) & (share == ndimage.maximum_filter(share, size=5))
+        caps = np.minimum(
+            *(signal.fftconvolve(air, _kernel(SHELL[0] * r, SHELL[1] * r, cap), mode="same") for cap in (1, -1))
+        )
+        polar[better] = caps[better]
+    embedded = threshold - EMBEDDED_MARGIN
+    qualifies = (share >= threshold) | ((share >= embedded) & (polar >= POLAR_SHARE))
+    peaks = qualifies & (share == ndimage.maximum_filter(share, size=5))
     pts = np.argwhere(peaks)
     order = np.argsort(-share[peaks], kind="stable")
     # ndimage.zoom maps the corners onto each other: output index p is input p * (n - 1) / (m - 1).
@@ -111,7 +145,12 @@ def find_masses(
         if any(np.linalg.norm(mm - q) < SUPPRESS_FACTOR * max(r, rq) for q, rq in placed):
             continue
         placed.append((mm, r))
-        kept.append(Mass(centre=p * to_grid, radius_mm=r, share=float(share[tuple(p)])))
+        sh, po = float(share[tuple(p)]), float(polar[tuple(p)])
+        evidence = max(
+            _clip01((sh - threshold) / max(1.0 - threshold, 1e-6)),
+            min(_clip01((sh - embedded) / max(1.0 - embedded, 1e-6)), _clip01((po - POLAR_SHARE) / (1.0 - POLAR_SHARE))),
+        )
+        kept.append(Mass(centre=p * to_grid, radius_mm=r, share=sh, polar=po, evidence=evidence))
         if len(kept) >= MAX_MASSES:
             break
     return kept

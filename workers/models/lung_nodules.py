@@ -39,8 +39,9 @@ How it works (all on the CPU in about 10 s for a 300 x 512² CT on 2 cores; CUDA
    density and the lung (so ground glass is segmented too), cut to the lung mask and to a
    sphere around the centre; then centre, long-axis diameter on the key slice, volume, and
    the type (solid / part-solid / ground-glass) from the share of solid voxels.
-7. **Masses** of about 3 cm and more that lie mostly in aerated lung, including those at the
-   mediastinum that the lung mask leaves out (:mod:`workers.models.lung_masses`): reported as
+7. **Masses** of about 3 cm and more that lie mostly in aerated lung, or about half in it with
+   lung above and below, including those at the mediastinum that the lung mask leaves out
+   (:mod:`workers.models.lung_masses`): reported as
    :data:`workers.findings.MASS`; nodule findings on a mass are dropped in its favour. Options
    ``masses`` (default true) and ``mass_threshold`` (the lung-surround share, default 0.6).
 """
@@ -74,10 +75,11 @@ from workers.volume import Volume, VolumeError
 LOGGER = logging.getLogger(__name__)
 
 NAME = "lung-nodules"
-VERSION = "0.3.0"
+VERSION = "0.4.0"
 """The algorithm's version (goes into the model version and so into the output UIDs): 0.2.0 merges
 the rim peaks of large nodules (:func:`merge_objects`); 0.3.0 adds the mass stage
-(:mod:`workers.models.lung_masses`)."""
+(:mod:`workers.models.lung_masses`); 0.4.0 finds a mass half embedded in the mediastinum that has
+lung above and below it."""
 WEIGHTS = Path(__file__).with_name("weights") / "lung_nodules_fp.json"
 """Card of the FP-reduction weights (the .pt file it names sits beside it)."""
 
@@ -504,10 +506,9 @@ class LungNoduleDetector:
             return None
         patch, lung, lo, spacing_full = cut_out
         obj = lung_masses.segment(patch, lung, spacing_full, centre_grid - lo, mass.radius_mm)
-        # The lung-surround share on the detector's scale: the mass threshold maps to the
-        # operating point, a share of 1 to 1 (rank-preserving; not a calibrated probability).
-        span = max(1.0 - self.mass_threshold, 1e-6)
-        score = self.threshold + (1.0 - self.threshold) * min(max((mass.share - self.mass_threshold) / span, 0.0), 1.0)
+        # The stage's evidence on the detector's scale: just clearing its rule maps to the
+        # operating point, lung all round to 1 (rank-preserving; not a calibrated probability).
+        score = self.threshold + (1.0 - self.threshold) * mass.evidence
         return _measure(volume, cands, obj, lo, score, MASS, "mass", source)
 
 

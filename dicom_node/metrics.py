@@ -135,10 +135,9 @@ _CREATING = threading.RLock()
 def created_once(factory: Callable[..., Any]) -> Callable[..., Any]:
     """``functools.cache`` under one lock, for functions that create prometheus_client metrics.
 
-    A receiver process first touches its counters from
-    whichever association thread comes first, possibly two at once (a rejection and the next
-    acceptance); an unlocked cache let both create the counters, and the second creation's
-    duplicate-registration error lost that event's count."""
+    A receiver process first touches its counters from whichever association thread comes first,
+    possibly two at once (a rejection and the next acceptance); an unlocked cache let both create
+    the counters, and the second creation's duplicate-registration error lost that event's count."""
     cached = cache(factory)
 
     @wraps(factory)
@@ -147,7 +146,6 @@ def created_once(factory: Callable[..., Any]) -> Callable[..., Any]:
             return cached(*args)
 
     return once
-
 
 
 @dataclass

@@ -94,10 +94,6 @@ def _kernel(r_in: float, r_out: float, cap: int = 0) -> np.ndarray:
     return kf / kf.sum()
 
 
-def _clip01(v: float) -> float:
-    return min(max(v, 0.0), 1.0)
-
-
 def find_masses(
     image: np.ndarray,
     lung_mask: np.ndarray,
@@ -146,10 +142,10 @@ def find_masses(
             continue
         placed.append((mm, r))
         sh, po = float(share[tuple(p)]), float(polar[tuple(p)])
-        evidence = max(
-            _clip01((sh - threshold) / max(1.0 - threshold, 1e-6)),
-            min(_clip01((sh - embedded) / max(1.0 - embedded, 1e-6)), _clip01((po - POLAR_SHARE) / (1.0 - POLAR_SHARE))),
-        )
+        # How far it clears the share rule, or the weaker of its margins on the embedded rule.
+        by_share = (sh - threshold) / max(1.0 - threshold, 1e-6)
+        embedded_margin = min((sh - embedded) / max(1.0 - embedded, 1e-6), (po - POLAR_SHARE) / (1.0 - POLAR_SHARE))
+        evidence = float(np.clip(max(by_share, embedded_margin), 0.0, 1.0))
         kept.append(Mass(centre=p * to_grid, radius_mm=r, share=sh, polar=po, evidence=evidence))
         if len(kept) >= MAX_MASSES:
             break

@@ -13,7 +13,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from sqlalchemy import select
 
 from dicom_node.spool import TEMP_DIR_NAME
@@ -200,6 +201,13 @@ def running_receiver(settings: Any) -> Iterator[Any]:
         db.dispose()
 
 
+def _note_rejection(event: Any) -> None:
+    """Keep (result, source, diagnostic) of an A-ASSOCIATE-RJ PDU as the requestor's DUL decodes it."""
+    pdu = event.pdu
+    if isinstance(pdu, A_ASSOCIATE_RJ):
+        event.assoc.wire_rejection = (int(pdu.result), int(pdu.source), int(pdu.reason_diagnostic))
+
+
 def associate(
     port: int, *, calling: str = "TESTSCU", called: str = "AINODE", bind: tuple[str, int] | None = None
 ) -> Any:
@@ -209,21 +217,27 @@ def associate(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    handlers = [(evt.EVT_PDU_RECV, _note_rejection)]
     if bind is None:
-        return ae.associate("127.0.0.1", port, ae_title=called)
-    return ae.associate("127.0.0.1", port, ae_title=called, bind_address=bind)
+        return ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=handlers)
+    return ae.associate("127.0.0.1", port, ae_title=called, bind_address=bind, evt_handlers=handlers)
 
 
 def rejection(assoc: Any) -> tuple[int, int, int] | None:
-    """(result, source, diagnostic) of an A-ASSOCIATE-RJ, or None when not rejected."""
-    # AE.associate() may return as soon as the requestor's DUL stopped, before its association
-    # thread has recorded the rejection (a pynetdicom 3.0 race): let that thread finish first.
-    if not assoc.is_established and assoc.is_alive():
-        assoc.join(timeout=10)
-    if not assoc.is_rejected:
-        return None
-    rsp = assoc.acceptor.primitive
-    return int(rsp.result), int(rsp.result_source), int(rsp.diagnostic)
+    """(result, source, diagnostic) of the A-ASSOCIATE-RJ the node sent, or None when it sent none.
+
+    Read from the PDU itself (recorded by :func:`associate`), not only from ``is_rejected``:
+    pynetdicom 3.0's requestor waits for its socket to connect and then checks that it is still
+    connected (``acse.py``, ``_negotiate_as_requestor``). When the peer answers fast enough, the
+    DUL thread has already sent the request, received the rejection and closed the socket by
+    then, and the requestor calls ``abort()`` without recording the rejection it was sent (about
+    1 association in 200 against the node's pre-association gate, :mod:`dicom_node.scp.gate`).
+    """
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        return int(rsp.result), int(rsp.result_source), int(rsp.diagnostic)
+    wire: tuple[int, int, int] | None = getattr(assoc, "wire_rejection", None)
+    return wire
 
 
 # -- a peer scripted at the wire (hostile-peer tests) ---------------------------------------------

@@ -205,7 +205,7 @@ def _note_rejection(event: Any) -> None:
     """Keep (result, source, diagnostic) of an A-ASSOCIATE-RJ PDU as the requestor's DUL decodes it."""
     pdu = event.pdu
     if isinstance(pdu, A_ASSOCIATE_RJ):
-        event.assoc.wire_rejection = (int(pdu.result), int(pdu.source), int(pdu.reason_diagnostic))
+        event.assoc.wire_rejection = (pdu.result, pdu.source, pdu.reason_diagnostic)
 
 
 def associate(
@@ -217,7 +217,7 @@ def associate(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
-    handlers = [(evt.EVT_PDU_RECV, _note_rejection)]
+    handlers: list[Any] = [(evt.EVT_PDU_RECV, _note_rejection)]
     if bind is None:
         return ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=handlers)
     return ae.associate("127.0.0.1", port, ae_title=called, bind_address=bind, evt_handlers=handlers)

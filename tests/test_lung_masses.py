@@ -3,7 +3,7 @@ more that lie mostly in aerated lung, including at the mediastinum, where the no
 lung mask leaves them out.
 
 On a hand-built chest: a mass that bulges into the lung is found; so is one about half embedded
-in the mediastinum with lung above and below it; the same cross-section as a tube along the body
+in the mediastinum with lung above and below it, wherever the search grid falls; the same cross-section as a tube along the body
 axis (what the aorta, the hila and the spine look like) and a 16 mm nodule are not.
 On real chest CT: the right hilar tumour of Lung-PET-CT-Dx A0002 is reported as one Mass, written
 into a TID 1500 SR and a SEG that dciodvfy accepts, and the paravertebral tumour of A0001, half
@@ -96,6 +96,22 @@ def test_a_mass_half_in_the_mediastinum_with_lung_above_and_below_is_found(monke
     # It is the polar caps that find it: without that rule (0.3.0) there is no mass.
     monkeypatch.setattr(lung_masses, "POLAR_SHARE", 1.01)
     assert lung_masses.find_masses(image, lung, SPACING) == []
+
+
+def test_whether_a_mass_is_found_does_not_depend_on_where_the_search_grid_falls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 40 mm mass centred on the medial wall, moved 0-3 mm into the lung in 1 mm steps: found
+    at every position. On the 4 mm grid alone (detector 0.4.0) it came and went with the
+    position, found at 0 mm and missed at 1 mm."""
+    positions = [(0.0, 0.0, MEDIAL_WALL_X - into) for into in (0.0, 1.0, 2.0, 3.0)]
+    chests = [chest([(centre, 20.0)]) for centre in positions]
+    for centre, (image, lung) in zip(positions, chests, strict=True):
+        masses = lung_masses.find_masses(image, lung, SPACING)
+        assert len(masses) == 1 and _found(masses, centre)[0] <= 12.0, (centre, masses)  # well inside it
+    monkeypatch.setattr(lung_masses, "LATTICE_SHIFTS", (0.0,))
+    one_grid = [len(lung_masses.find_masses(image, lung, SPACING)) for image, lung in chests]
+    assert 0 in one_grid, one_grid
 
 
 def test_tubes_along_the_body_axis_and_a_nodule_are_not_masses() -> None:

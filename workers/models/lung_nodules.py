@@ -75,11 +75,12 @@ from workers.volume import Volume, VolumeError
 LOGGER = logging.getLogger(__name__)
 
 NAME = "lung-nodules"
-VERSION = "0.4.0"
+VERSION = "0.4.1"
 """The algorithm's version (goes into the model version and so into the output UIDs): 0.2.0 merges
 the rim peaks of large nodules (:func:`merge_objects`); 0.3.0 adds the mass stage
 (:mod:`workers.models.lung_masses`); 0.4.0 finds a mass half embedded in the mediastinum that has
-lung above and below it."""
+lung above and below it; 0.4.1 searches for masses on two grids half a voxel apart, so that a
+mass is found or not independently of where one grid falls."""
 WEIGHTS = Path(__file__).with_name("weights") / "lung_nodules_fp.json"
 """Card of the FP-reduction weights (the .pt file it names sits beside it)."""
 

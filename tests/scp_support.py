@@ -14,9 +14,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, evt
-from pynetdicom.pdu import A_ASSOCIATE_RJ
 from sqlalchemy import select
 
+from dicom_node.scu import association_rejection, record_rejection
 from dicom_node.spool import TEMP_DIR_NAME
 from dicom_node.state import Database, DuplicateEvent, Instance, Series, Study
 
@@ -201,13 +201,6 @@ def running_receiver(settings: Any) -> Iterator[Any]:
         db.dispose()
 
 
-def _note_rejection(event: Any) -> None:
-    """Keep (result, source, diagnostic) of an A-ASSOCIATE-RJ PDU as the requestor's DUL decodes it."""
-    pdu = event.pdu
-    if isinstance(pdu, A_ASSOCIATE_RJ):
-        event.assoc.wire_rejection = (pdu.result, pdu.source, pdu.reason_diagnostic)
-
-
 def associate(
     port: int, *, calling: str = "TESTSCU", called: str = "AINODE", bind: tuple[str, int] | None = None
 ) -> Any:
@@ -217,27 +210,18 @@ def associate(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
-    handlers: list[Any] = [(evt.EVT_PDU_RECV, _note_rejection)]
+    handlers: list[Any] = [(evt.EVT_PDU_RECV, record_rejection)]
     if bind is None:
         return ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=handlers)
     return ae.associate("127.0.0.1", port, ae_title=called, bind_address=bind, evt_handlers=handlers)
 
 
 def rejection(assoc: Any) -> tuple[int, int, int] | None:
-    """(result, source, diagnostic) of the A-ASSOCIATE-RJ the node sent, or None when it sent none.
-
-    Read from the PDU itself (recorded by :func:`associate`), not only from ``is_rejected``:
-    pynetdicom 3.0's requestor waits for its socket to connect and then checks that it is still
-    connected (``acse.py``, ``_negotiate_as_requestor``). When the peer answers fast enough, the
-    DUL thread has already sent the request, received the rejection and closed the socket by
-    then, and the requestor calls ``abort()`` without recording the rejection it was sent (about
-    1 association in 200 against the node's pre-association gate, :mod:`dicom_node.scp.gate`).
-    """
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
-        return int(rsp.result), int(rsp.result_source), int(rsp.diagnostic)
-    wire: tuple[int, int, int] | None = getattr(assoc, "wire_rejection", None)
-    return wire
+    """(result, source, diagnostic) of the A-ASSOCIATE-RJ the node sent, or None when it sent
+    none: read as the node's own SCU reads a peer's (:func:`dicom_node.scu.association_rejection`,
+    from the PDU itself where pynetdicom 3.0 ends a fast rejection as an abort; about 1
+    association in 200 against the node's pre-association gate, :mod:`dicom_node.scp.gate`)."""
+    return association_rejection(assoc)
 
 
 # -- a peer scripted at the wire (hostile-peer tests) ---------------------------------------------

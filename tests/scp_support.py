@@ -16,7 +16,7 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, evt
 from sqlalchemy import select
 
-from dicom_node.scu import association_rejection, record_rejection
+from dicom_node.association_outcome import association_rejection, record_rejection
 from dicom_node.spool import TEMP_DIR_NAME
 from dicom_node.state import Database, DuplicateEvent, Instance, Series, Study
 
@@ -218,7 +218,7 @@ def associate(
 
 def rejection(assoc: Any) -> tuple[int, int, int] | None:
     """(result, source, diagnostic) of the A-ASSOCIATE-RJ the node sent, or None when it sent
-    none: read as the node's own SCU reads a peer's (:func:`dicom_node.scu.association_rejection`,
+    none: read as the node's own SCU reads a peer's (:func:`dicom_node.association_outcome.association_rejection`,
     from the PDU itself where pynetdicom 3.0 ends a fast rejection as an abort; about 1
     association in 200 against the node's pre-association gate, :mod:`dicom_node.scp.gate`)."""
     return association_rejection(assoc)

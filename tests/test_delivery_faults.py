@@ -382,17 +382,10 @@ def test_a_rejection_that_pynetdicom_ends_as_an_abort_is_still_a_rejection() -> 
     failed the Orthanc test above). The node reads the rejection from the PDU itself, so a
     permanent rejection is not retried as an abort, and a transient one is not taken for a peer
     that refuses us."""
+    from dicom_node.association_outcome import association_failure, association_rejection
     from dicom_node.delivery.cstore import classify_send
     from dicom_node.scp import wire
-    from dicom_node.scu import (
-        STAGE_ASSOCIATE,
-        STATUS_NOT_SENT,
-        SendOutcome,
-        _associate,
-        _make_ae,
-        association_failure,
-        association_rejection,
-    )
+    from dicom_node.scu import STAGE_ASSOCIATE, STATUS_NOT_SENT, SendOutcome, _associate, _make_ae
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]

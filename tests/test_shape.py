@@ -66,6 +66,7 @@ EDGE_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         frozenset(
             {
                 "alerts",
+                "association_outcome",
                 "atna",
                 "audit",
                 "backfill",
